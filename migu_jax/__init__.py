@@ -1,0 +1,1 @@
+"""migu_jax: MIGU continual learning for JAX/Flax."""
