@@ -1,0 +1,172 @@
+"""Capturing MIGU's output magnitudes from any flax.linen module.
+
+MIGU ranks the output features of every linear layer by the L1 norm of their
+activations: for a layer with output ``y`` of shape ``[..., d_out]`` the
+statistic is ``n = sum(|y|)`` over every axis but the output features, in
+float32. ``apply_with_magnitudes`` computes it for every ``nn.Dense``,
+``nn.DenseGeneral`` and ``nn.Einsum`` call of a module, without changing the
+module, by intercepting those calls (``flax.linen.intercept_methods``) and
+sowing the statistic into a collection of its own.
+
+The returned tree mirrors the parameters: the statistic of the kernel at
+``params['Block_0']['Dense_0']['kernel']`` is at
+``magnitudes['Block_0']['Dense_0']['kernel']``. Each statistic is shaped to
+broadcast against its kernel (numpy rules, aligned on trailing axes): a vector
+of length ``d_out`` for ``nn.Dense``, the ``features`` shape for
+``nn.DenseGeneral``, and the kernel's output axes (size 1 where the kernel axis
+is contracted) for ``nn.Einsum``. A layer called several times in one forward
+pass adds up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+COLLECTION = "magnitudes"
+"""Name of the flax collection the statistics are sown into."""
+
+LINEAR_MODULES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
+"""Module types whose calls are captured."""
+
+
+def _sum_abs(y: jax.Array, keep_axes: tuple[int, ...]) -> jax.Array:
+  """Sum of |y| in float32 over every axis not in ``keep_axes``."""
+  reduce = tuple(a for a in range(y.ndim) if a not in keep_axes)
+  return jnp.sum(jnp.abs(y.astype(jnp.float32)), axis=reduce)
+
+
+def _einsum_statistic(einsum_str: str, y: jax.Array) -> jax.Array:
+  """Statistic of an ``nn.Einsum`` output, shaped like the kernel's trailing axes.
+
+  Kernel axes that appear in the output are output features; contracted kernel
+  axes get size 1 so the result broadcasts against the kernel.
+  """
+  spec = einsum_str.replace(" ", "")
+  _, rest = spec.split(",")
+  kernel_spec, out_spec = rest.split("->")
+  if "..." in kernel_spec:
+    raise ValueError(
+        f"apply_with_magnitudes: nn.Einsum kernel spec {kernel_spec!r} uses an"
+        " ellipsis; name every kernel axis explicitly."
+    )
+  n_ellipsis = y.ndim - len(out_spec.replace("...", ""))
+  out_axes = out_spec.replace("...", "." * n_ellipsis)
+  kept = [out_axes.index(c) for c in kernel_spec if c in out_axes]
+  stat = _sum_abs(y, tuple(kept))
+  # Order the kept axes as in the kernel, then insert size-1 contracted axes.
+  order = sorted(range(len(kept)), key=lambda i: kept[i])
+  stat = jnp.transpose(stat, [order.index(i) for i in range(len(kept))])
+  shape = [y.shape[out_axes.index(c)] if c in out_axes else 1 for c in kernel_spec]
+  first = next(i for i, c in enumerate(kernel_spec) if c in out_axes)
+  return stat.reshape(shape[first:])
+
+
+def output_statistic(module: nn.Module, y: jax.Array, args, kwargs) -> jax.Array:
+  """The float32 sum of |y| per output feature of one linear-layer call."""
+  if isinstance(module, nn.Einsum):
+    einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+    return _einsum_statistic(einsum_str or module.einsum_str, y)
+  if isinstance(module, nn.DenseGeneral):
+    n_features = len(module.features) if isinstance(module.features, tuple) else 1
+    batch_dims = module.batch_dims if isinstance(module.batch_dims, tuple) else (module.batch_dims,)
+    # dot_general output: [batch dims] + [free input dims] + [features].
+    n_batch = len(batch_dims)
+    stat = _sum_abs(y, tuple(range(n_batch)) + tuple(range(y.ndim - n_features, y.ndim)))
+    n_in = len(module.axis) if isinstance(module.axis, tuple) else 1
+    return stat.reshape(stat.shape[:n_batch] + (1,) * (n_in if n_batch else 0) + stat.shape[n_batch:])
+  return _sum_abs(y, (y.ndim - 1,))  # nn.Dense
+
+
+def _zeros_like(stat):
+  return lambda: jnp.zeros(stat.shape, jnp.float32)
+
+
+def apply_with_magnitudes(module: nn.Module, variables, *args, mutable=False, **kwargs):
+  """Runs ``module.apply`` and returns its outputs with MIGU's output magnitudes.
+
+  For every ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Einsum`` call inside
+  ``module``, computes ``n = sum(|y|)`` (float32) over all axes of the output
+  ``y`` but the output features. Works under ``jax.jit`` and ``nn.remat``
+  (trace it inside the jitted function, as any ``apply``). Under ``nn.scan``
+  the statistics of a scanned layer cannot be matched one threshold per layer,
+  so a scanned linear layer raises an error instead of being dropped silently.
+
+  Args:
+    module: any flax.linen module; it is not changed.
+    variables: the module's variables, e.g. ``{"params": params}``.
+    *args: positional arguments of ``module.apply``.
+    mutable: other collections to make mutable (as in ``module.apply``). When
+      given, the outputs are ``(outputs, mutated_variables)``.
+    **kwargs: keyword arguments of ``module.apply`` (``rngs``, ``method``, ...).
+
+  Returns:
+    ``(outputs, magnitudes)``: ``magnitudes`` is a nested dict that mirrors the
+    parameter tree, with a float32 statistic at each captured kernel's path.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from migu_jax import apply_with_magnitudes
+    >>> model = nn.Dense(3)
+    >>> x = jnp.ones((2, 4))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> y, mags = apply_with_magnitudes(model, variables, x)
+    >>> mags["kernel"].shape
+    (3,)
+    >>> bool(jnp.allclose(mags["kernel"], jnp.abs(y).sum(0)))
+    True
+  """
+  captured: set[tuple[str, ...]] = set()
+
+  def interceptor(next_fun, call_args, call_kwargs, context):
+    y = next_fun(*call_args, **call_kwargs)
+    mod = context.module
+    if context.method_name != "__call__" or not isinstance(mod, LINEAR_MODULES):
+      return y
+    stat = output_statistic(mod, y, call_args, call_kwargs)
+    mod.sow(COLLECTION, "kernel", stat, init_fn=_zeros_like(stat), reduce_fn=jnp.add)
+    captured.add((tuple(mod.scope.path), stat.ndim))
+    return y
+
+  extra = [] if mutable is False else ([mutable] if isinstance(mutable, str) else list(mutable))
+  with nn.intercept_methods(interceptor):
+    outputs, state = module.apply(variables, *args, mutable=[COLLECTION, *extra], **kwargs)
+  state = dict(state)
+  magnitudes = flax.core.unfreeze(state.pop(COLLECTION, {}))
+  _check_captured(captured, magnitudes)
+  if extra:
+    outputs = (outputs, state)
+  return outputs, magnitudes
+
+
+def _check_captured(captured, magnitudes) -> None:
+  """Fails loudly when a captured call has no statistic (or a stacked one)."""
+  flat = traverse_util.flatten_dict(magnitudes) if magnitudes else {}
+  for path, ndim in sorted(captured):
+    stat = flat.get((*path, "kernel"))
+    where = "/".join(path) or "<root>"
+    if stat is None:
+      raise ValueError(
+          f"apply_with_magnitudes: the linear layer at {where} ran, but its"
+          f" statistic was dropped (collection {COLLECTION!r}). This happens"
+          " under nn.scan (or another lifted transform) that does not carry the"
+          f" {COLLECTION!r} collection. MIGU needs one statistic per layer:"
+          " unroll the scanned layers (a Python loop) for MIGU training."
+      )
+    if stat.ndim != ndim:
+      raise ValueError(
+          f"apply_with_magnitudes: the statistic at {where} came back with shape"
+          f" {stat.shape}, i.e. stacked by a lifted transform (nn.scan/nn.vmap"
+          " with variable_axes). Per-layer thresholds cannot be told apart from"
+          " stacked statistics: unroll the scanned layers for MIGU training."
+      )
+
+
+def magnitude_paths(magnitudes: Any) -> list[tuple[str, ...]]:
+  """The parameter paths that have a statistic, e.g. ``[("Dense_0", "kernel")]``."""
+  return sorted(traverse_util.flatten_dict(magnitudes)) if magnitudes else []
