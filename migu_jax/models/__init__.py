@@ -1,0 +1,27 @@
+"""Flax linen models for MIGU: T5, BERT/RoBERTa and Llama, with Hugging Face I/O.
+
+Every linear projection is an ``nn.Dense`` laid out as in Hugging Face, so
+each torch ``Linear`` is one Flax kernel and MIGU can capture its output.
+
+Example:
+  >>> from migu_jax.models import from_pretrained, mean_pool
+  >>> model, params, tokenizer = from_pretrained("minilm")
+  >>> batch = tokenizer(["a cat", "a dog"], return_tensors="np", padding=True)
+  >>> hidden = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+  >>> mean_pool(hidden, batch["attention_mask"]).shape
+  (2, 384)
+"""
+
+from migu_jax.models._checkpoint import CheckpointError
+from migu_jax.models.bert.modeling import mean_pool
+from migu_jax.models.hub import FAMILIES, from_pretrained, save_pretrained
+from migu_jax.models.presets import PRESETS
+
+__all__ = [
+    "CheckpointError",
+    "FAMILIES",
+    "PRESETS",
+    "from_pretrained",
+    "mean_pool",
+    "save_pretrained",
+]
