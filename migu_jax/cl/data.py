@@ -32,7 +32,7 @@ import dataclasses
 import json
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -89,6 +89,7 @@ class Task:
     train: training records.
     test: evaluation records (from test.json/dev.json, or held out of train.json).
     test_is_heldout: True when ``test`` was carved out of train.json because the task has no test file.
+    skipped: records dropped from the files because they have no gold label (``skip_labels``, e.g. MNLI's "-").
   """
 
   name: str
@@ -98,6 +99,7 @@ class Task:
   train: tuple[Record, ...]
   test: tuple[Record, ...]
   test_is_heldout: bool
+  skipped: int = 0
 
 
 # The benchmark's task names (lower case) -> (category folder, task folder).
@@ -305,10 +307,15 @@ def read_labels(path: str | os.PathLike) -> tuple[str, ...]:
   return tuple(labels)
 
 
-def read_records(path: str | os.PathLike, labels: Sequence[str]) -> tuple[Record, ...]:
+NO_GOLD_LABEL = "-"  # MNLI's marker for examples whose annotators did not agree (131 of the 7600 in test.json).
+
+
+def read_records(path: str | os.PathLike, labels: Sequence[str], *, skip_labels: Collection[str] = ()
+                 ) -> tuple[Record, ...]:
   """Read and check a data file: a non-empty JSON list of ``{"sentence": str, "label": str}`` objects.
 
-  Every label must be one of ``labels``. Extra keys are ignored.
+  Every label must be one of ``labels``, except that records labelled with one of ``skip_labels`` (and not in
+  ``labels``) are dropped (:func:`load_task` counts them in :attr:`Task.skipped`). Extra keys are ignored.
 
   Raises:
     DataError: naming the file and the index of the first bad record.
@@ -316,19 +323,21 @@ def read_records(path: str | os.PathLike, labels: Sequence[str]) -> tuple[Record
   Example:
     >>> import json, tempfile
     >>> p = Path(tempfile.mkdtemp()) / "train.json"
-    >>> _ = p.write_text(json.dumps([{"sentence": "fine", "label": "Good"}]))
-    >>> read_records(p, ["Good", "Bad"])
+    >>> _ = p.write_text(json.dumps([{"sentence": "fine", "label": "Good"}, {"sentence": "?", "label": "-"}]))
+    >>> read_records(p, ["Good", "Bad"], skip_labels=["-"])
     (Record(sentence='fine', label='Good'),)
   """
-  path = Path(path)
+  return _read_records(Path(path), labels, skip_labels)[0]
+
+
+def _read_records(path: Path, labels: Sequence[str], skip_labels: Collection[str]
+                  ) -> tuple[tuple[Record, ...], int]:
   data = _read_json(path)
   if not isinstance(data, list):
     raise DataError(f"{path} must be a JSON list of {{\"sentence\", \"label\"}} objects, got a "
                     f"{type(data).__name__}.")
-  if not data:
-    raise DataError(f"{path} holds no records (an empty list). A task needs at least one training and one "
-                    "test record; remove the task from the order or fill the file.")
   allowed = set(labels)
+  skip = set(skip_labels) - allowed
   records = []
   for i, item in enumerate(data):
     if not isinstance(item, dict):
@@ -340,11 +349,16 @@ def read_records(path: str | os.PathLike, labels: Sequence[str]) -> tuple[Record
                         "\"sentence\" and \"label\".")
       if not isinstance(item[key], str):
         raise DataError(f"{path}: record {i} has a non-string \"{key}\": {item[key]!r}.")
+    if item["label"] in skip:
+      continue
     if item["label"] not in allowed:
       raise DataError(f"{path}: record {i} has label {item['label']!r}, which is not in labels.json "
                       f"{list(labels)}. Fix the record or add the label to labels.json.")
     records.append(Record(item["sentence"], item["label"]))
-  return tuple(records)
+  if not records:
+    raise DataError(f"{path} holds no records{' with a gold label' if data else ' (an empty list)'}. A task needs "
+                    "at least one training and one test record; remove the task from the order or fill the file.")
+  return tuple(records), len(data) - len(records)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,7 +448,8 @@ def split_heldout(records: Sequence[Record], split: HeldOutSplit = HeldOutSplit(
 
 
 def load_task(data_dir: str | os.PathLike, name: str, *, split: HeldOutSplit = HeldOutSplit(),
-              train_per_class: int | None = None, max_test: int | None = None, seed: int = 0) -> Task:
+              train_per_class: int | None = None, max_test: int | None = None, seed: int = 0,
+              skip_labels: Collection[str] = (NO_GOLD_LABEL,)) -> Task:
   """Load, validate and (optionally) subsample one task.
 
   Reads ``<data_dir>/<category>/<task>/labels.json``, ``train.json`` and ``test.json`` (else ``dev.json``).
@@ -448,6 +463,9 @@ def load_task(data_dir: str | os.PathLike, name: str, *, split: HeldOutSplit = H
     train_per_class: if set, keep this many training records per label (:func:`sample_per_class`).
     max_test: if set, keep at most this many test records, stratified (:func:`sample_stratified`).
     seed: seed of the two samplings above.
+    skip_labels: labels that mark a record without a gold label; such records (unless the label is in
+      labels.json) are dropped and counted in ``Task.skipped``. O-LoRA keeps MNLI's 131 "-" test records,
+      which no model can answer, so its MNLI accuracy is ours times 7469/7600 (up to 1.7 points lower).
 
   Returns:
     The validated :class:`Task`.
@@ -461,15 +479,16 @@ def load_task(data_dir: str | os.PathLike, name: str, *, split: HeldOutSplit = H
     raise DataError(f"Task {ref.name!r}: no folder {folder}. Check --data-dir / MIGU_DATA_DIR; it should hold "
                     f"{ref.category}/{ref.folder}/{{train,test,labels}}.json.")
   labels = read_labels(folder / "labels.json")
-  train = read_records(folder / "train.json", labels)
+  train, skipped = _read_records(folder / "train.json", labels, skip_labels)
   test_file = next((folder / f for f in ("test.json", "dev.json") if (folder / f).is_file()), None)
   if test_file is None:
     train, test = split_heldout(train, split)
   else:
-    test = read_records(test_file, labels)
+    test, skipped_test = _read_records(test_file, labels, skip_labels)
+    skipped += skipped_test
   if train_per_class is not None:
     train = sample_per_class(train, train_per_class, seed)
   if max_test is not None:
     test = sample_stratified(test, max_test, seed)
   return Task(name=ref.name, category=ref.category, folder=ref.folder, labels=labels, train=train, test=test,
-              test_is_heldout=test_file is None)
+              test_is_heldout=test_file is None, skipped=skipped)
