@@ -340,3 +340,43 @@ def test_hub_sentence_formats_follow_the_local_files(name, prefix):
   local = json.loads((BENCH / category / folder / "train.json").read_text())[0]["sentence"]
   head = prefix.split("x")[0]
   assert local.startswith(head), (name, local[:60])
+
+
+def test_build_from_hub_converts_and_writes_a_loadable_task(tmp_path, monkeypatch):
+  datasets = pytest.importorskip("datasets")
+  rows = {"train": {"sentence": ["a fine film . ", "dull . ", "great . "], "label": [1, 0, 1], "idx": [0, 1, 2]},
+          "validation": {"sentence": ["meh . ", "hidden . "], "label": [0, -1], "idx": [0, 1]}}
+  calls = []
+
+  def fake_load_dataset(path, config, split):
+    calls.append((path, config, split))
+    return datasets.Dataset.from_dict(rows[split])
+
+  monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+  hub.build_from_hub(tmp_path, ["SST-2"])
+  assert calls == [("nyu-mll/glue", "sst2", "train"), ("nyu-mll/glue", "sst2", "validation")]
+  task = data.load_task(tmp_path, "sst-2")
+  assert task.labels == ("Good", "Bad")
+  assert task.train == (Record("Text: a fine film . ", "Good"), Record("Text: dull . ", "Bad"),
+                        Record("Text: great . ", "Good"))
+  assert task.test == (Record("Text: meh . ", "Bad"),)  # the hidden (-1) label is dropped
+
+
+def test_build_from_hub_download_failure_is_a_data_error(tmp_path, monkeypatch):
+  datasets = pytest.importorskip("datasets")
+
+  def offline(*args, **kwargs):
+    raise ConnectionError("no route to host")
+
+  monkeypatch.setattr(datasets, "load_dataset", offline)
+  with pytest.raises(DataError, match=r"Could not download nyu-mll/glue/rte \(train\) for task 'rte'.*--data-dir"):
+    hub.build_from_hub(tmp_path, ["rte"])
+  with pytest.raises(DataError, match="no Hugging Face source"):
+    hub.build_from_hub(tmp_path, ["Mine/reviews"])
+
+
+def test_hub_yahoo_format_matches_the_benchmark():
+  row = {"question_title": "Why?", "question_content": "Really, why?", "best_answer": "Because."}
+  assert hub.SOURCES["yahoo"].sentence(row) == "Title: Why?\nQuestion: Really, why?\nAnswer: Because.\n"
+  row["question_content"] = ""  # the benchmark then shows the title as the question
+  assert hub.SOURCES["yahoo"].sentence(row) == "Question: Why?\nAnswer: Because.\n"

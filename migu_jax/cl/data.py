@@ -172,7 +172,7 @@ def resolve_data_dir(flag: str | os.PathLike | None = None, *, tasks: Iterable[s
     True
   """
   for value, source in ((flag, "--data-dir"), (os.environ.get(DATA_DIR_ENV) or None, f"${DATA_DIR_ENV}")):
-    if value is None:
+    if not value:
       continue
     path = Path(value).expanduser()
     if not path.is_dir():
@@ -386,8 +386,9 @@ def sample_per_class(records: Sequence[Record], n_per_class: int, seed: int = 0)
   if n_per_class < 1:
     raise DataError(f"n_per_class must be >= 1, got {n_per_class}.")
   rng = random.Random(seed)
+  groups = _by_label(records)
   keep: list[int] = []
-  for label in sorted(groups := _by_label(records)):  # sorted: independent of which label comes first
+  for label in sorted(groups):  # sorted: the draw does not depend on which label the file lists first
     idx = groups[label]
     keep.extend(idx if len(idx) <= n_per_class else rng.sample(idx, n_per_class))
   return tuple(records[i] for i in sorted(keep))

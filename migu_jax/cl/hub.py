@@ -127,11 +127,15 @@ SOURCES: dict[str, HubSource] = {
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-  """Whether the Hugging Face hub answers; False at once when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set."""
+  """Whether the Hugging Face hub (``$HF_ENDPOINT`` if set) answers within ``timeout`` seconds.
+
+  False at once, without touching the network, when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set.
+  """
   if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
     return False
+  url = os.environ.get("HF_ENDPOINT") or HUB_URL
   try:
-    with urllib.request.urlopen(urllib.request.Request(HUB_URL, method="HEAD"), timeout=timeout):
+    with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
       return True
   except Exception:  # Any failure (DNS, refused, proxy, TLS, HTTP error) means: do not use the hub.
     return False
@@ -148,8 +152,12 @@ def _convert(name: str, source: HubSource, split: str) -> tuple[Record, ...]:
                     "Check the network, or pass --data-dir / set MIGU_DATA_DIR to a local copy laid out like "
                     "../shared/data/CL_Benchmark.") from e
   key = source.label_key
-  return tuple(Record(source.sentence(row), source.label_of[row[key]]) for row in rows
-               if 0 <= row[key] < len(source.label_of))  # GLUE marks hidden labels as -1.
+  try:
+    return tuple(Record(source.sentence(row), source.label_of[row[key]]) for row in rows
+                 if 0 <= row[key] < len(source.label_of))  # GLUE marks hidden test labels as -1.
+  except KeyError as e:
+    raise DataError(f"{source.path} ({split}) has no column {e} that task {name!r} needs (columns: "
+                    f"{rows.column_names}); the hub dataset changed: update SOURCES[{name!r}] in {__name__}.") from e
 
 
 def build_from_hub(out_dir: str | os.PathLike, tasks: Iterable[str], *, train_per_class: int = 1000,
