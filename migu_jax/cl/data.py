@@ -8,7 +8,8 @@ each task is a folder ``<data_dir>/<category>/<task>/`` holding
 * ``labels.json``: a JSON list of the label strings, in the order the prompt lists them.
 
 A task without a test/dev file is evaluated on a seeded held-out part of its train file, disjoint from the
-records it trains on; :attr:`Task.test_is_heldout` records that, so reports can say so.
+records it trains on; :attr:`Task.test_is_heldout` records that, so reports can say so. Records without a
+gold label (MNLI's ``"-"``: 131 of its 7600 test records) are dropped and counted in :attr:`Task.skipped`.
 
 Example:
   >>> import json, tempfile

@@ -20,8 +20,13 @@ References:
 Example:
   >>> R = [[0.75, 0.25],
   ...      [0.5, 1.0]]
-  >>> summarize(R, initial=[0.25, 0.5])
-  {'num_tasks': 2, 'average_accuracy': 0.75, 'backward_transfer': -0.25, 'forward_transfer': -0.25, 'average_forgetting': 0.25}
+  >>> for key, value in summarize(R, initial=[0.25, 0.5]).items():
+  ...   print(key, value)
+  num_tasks 2
+  average_accuracy 0.75
+  backward_transfer -0.25
+  forward_transfer -0.25
+  average_forgetting 0.25
 """
 
 from __future__ import annotations
@@ -150,8 +155,9 @@ def summarize(R: ArrayLike, initial: Sequence[float] | np.ndarray | None = None)
   are no initial accuracies: no ``initial`` and a ``T x T`` matrix), ``average_forgetting``.
 
   Example:
-    >>> summarize([[0.5]])
-    {'num_tasks': 1, 'average_accuracy': 0.5, 'backward_transfer': nan, 'forward_transfer': None, 'average_forgetting': nan}
+    >>> s = summarize([[0.5]])
+    >>> s["average_accuracy"], s["backward_transfer"], s["forward_transfer"]
+    (0.5, nan, None)
   """
   m, b = _split(R, initial)
   full = m if b is None else np.vstack([b, m])
