@@ -1,0 +1,119 @@
+"""Greedy decoding for the causal (Llama) and encoder-decoder (T5) models.
+
+One jitted ``lax.fori_loop`` over a fixed-size token buffer; each step runs
+the model over the whole buffer (no KV cache: simple, and fast enough for the
+short generations of evaluation and tests). Finished rows (after
+``eos_token_id``) keep emitting ``pad_token_id``.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from migu_jax.models import llama
+  >>> cfg = llama.Config.preset("tiny")
+  >>> model, params = llama.LlamaForCausalLM(cfg), llama.params.init_params(cfg)
+  >>> out = greedy_generate(model, params, jnp.array([[5, 6, 7]]), max_new_tokens=4)
+  >>> out.shape
+  (1, 4)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _eos_ids(eos_token_id):
+  if eos_token_id is None:
+    return jnp.zeros((0,), jnp.int32)
+  ids = eos_token_id if isinstance(eos_token_id, (tuple, list)) else (eos_token_id,)
+  return jnp.asarray(ids, jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
+def _causal_loop(model, params, input_ids, attention_mask, eos, pad, max_new_tokens):
+  b, t = input_ids.shape
+  tokens = jnp.concatenate([input_ids, jnp.full((b, max_new_tokens), pad, input_ids.dtype)], 1)
+  mask = jnp.concatenate([attention_mask, jnp.zeros((b, max_new_tokens), attention_mask.dtype)], 1)
+
+  def step(i, state):
+    tokens, mask, done = state
+    # Positions count real tokens only, so left padding is harmless.
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    logits = model.apply({"params": params}, tokens, mask, positions)
+    nxt = jnp.argmax(logits[:, t + i - 1].astype(jnp.float32), -1).astype(tokens.dtype)
+    nxt = jnp.where(done, pad, nxt)
+    done = done | jnp.isin(nxt, eos)
+    tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, t + i))
+    mask = jax.lax.dynamic_update_slice(mask, jnp.ones((b, 1), mask.dtype), (0, t + i))
+    return tokens, mask, done
+
+  tokens, _, _ = jax.lax.fori_loop(0, max_new_tokens, step,
+                                   (tokens, mask, jnp.zeros((b,), bool)))
+  return tokens[:, t:]
+
+
+def greedy_generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: int,
+                    eos_token_id=None, pad_token_id=None):
+  """Greedy continuation of (left-padded) prompts with a causal LM.
+
+  Args:
+    model: a :class:`migu_jax.models.llama.LlamaForCausalLM`.
+    params: its ``params``.
+    input_ids: ``[B, T]`` prompts, left-padded when of different lengths.
+    attention_mask: ``[B, T]``, 0 on padding (default: all ones).
+    max_new_tokens: number of tokens to generate.
+    eos_token_id: id (or ids) that end a row; default ``model.config.eos_token_id``.
+    pad_token_id: filler after a row ended; default the config's pad or eos id.
+
+  Returns:
+    ``[B, max_new_tokens]`` generated ids.
+  """
+  cfg = model.config
+  eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+  pad = pad_token_id if pad_token_id is not None else (
+      cfg.pad_token_id if cfg.pad_token_id is not None else (_eos_ids(eos).tolist() or [0])[0])
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  if attention_mask is None:
+    attention_mask = jnp.ones_like(input_ids)
+  return _causal_loop(model, params, input_ids, jnp.asarray(attention_mask, jnp.int32),
+                      _eos_ids(eos), jnp.int32(pad), max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
+def _seq2seq_loop(model, params, input_ids, attention_mask, start, eos, pad, max_new_tokens):
+  b = input_ids.shape[0]
+  encoded = model.apply({"params": params}, input_ids, attention_mask, method="encode")
+  tokens = jnp.full((b, max_new_tokens + 1), pad, jnp.int32).at[:, 0].set(start)
+
+  def step(i, state):
+    tokens, done = state
+    logits = model.apply({"params": params}, tokens, encoded, attention_mask, method="decode")
+    nxt = jnp.argmax(logits[:, i].astype(jnp.float32), -1).astype(jnp.int32)
+    nxt = jnp.where(done, pad, nxt)
+    done = done | jnp.isin(nxt, eos)
+    return jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, i + 1)), done
+
+  tokens, _ = jax.lax.fori_loop(0, max_new_tokens, step, (tokens, jnp.zeros((b,), bool)))
+  return tokens[:, 1:]
+
+
+def greedy_generate_seq2seq(model, params, input_ids, attention_mask=None, *,
+                            max_new_tokens: int, eos_token_id=None, pad_token_id=None,
+                            decoder_start_token_id=None):
+  """Greedy decoding with an encoder-decoder (T5): encode once, then decode.
+
+  Defaults come from ``model.config`` (T5: start = pad = 0, eos = 1).
+
+  Returns:
+    ``[B, max_new_tokens]`` generated ids (without the start token).
+  """
+  cfg = model.config
+  eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+  pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
+  start = cfg.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  if attention_mask is None:
+    attention_mask = jnp.ones_like(input_ids)
+  return _seq2seq_loop(model, params, input_ids, jnp.asarray(attention_mask, jnp.int32),
+                       jnp.int32(start), _eos_ids(eos), jnp.int32(pad), max_new_tokens)
