@@ -12,8 +12,10 @@ Example:
   (2, 384)
 """
 
+from migu_jax.models import bert, llama, t5
 from migu_jax.models._checkpoint import CheckpointError
 from migu_jax.models.bert.modeling import mean_pool
+from migu_jax.models.generation import greedy_generate, greedy_generate_seq2seq
 from migu_jax.models.hub import FAMILIES, from_pretrained, save_pretrained
 from migu_jax.models.presets import PRESETS
 
@@ -21,7 +23,12 @@ __all__ = [
     "CheckpointError",
     "FAMILIES",
     "PRESETS",
+    "bert",
     "from_pretrained",
+    "greedy_generate",
+    "greedy_generate_seq2seq",
+    "llama",
     "mean_pool",
     "save_pretrained",
+    "t5",
 ]

@@ -1,0 +1,5 @@
+"""T5 v1.0 / v1.1 / Flan encoder-decoder (Hugging Face layout) for MIGU."""
+from migu_jax.models.t5.modeling import Config, T5ForConditionalGeneration, shift_right
+from migu_jax.models.t5 import params
+
+__all__ = ["Config", "T5ForConditionalGeneration", "params", "shift_right"]
