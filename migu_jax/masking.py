@@ -136,7 +136,7 @@ def layer_masks(
     ratio,
     *,
     exact_count: bool = False,
-    where: Where = is_kernel,
+    where: Where | None = None,
 ) -> dict[tuple[str, ...], jax.Array]:
   """The keep-mask of every selected kernel, keyed by parameter path.
 
@@ -149,6 +149,7 @@ def layer_masks(
         " statistics from migu.apply_with_magnitudes (the loss function's aux"
         " output): tx.update(grads, opt_state, params, magnitudes=mags)."
     )
+  where = where or is_kernel
   flat_mags = _flatten(magnitudes)
   masks = {}
   for path, update in _flatten(updates).items():
@@ -192,7 +193,7 @@ def mask_by_magnitude(
     enabled: bool | jax.Array = True,
     exact_count: bool = False,
     axis_name: str | None = None,
-    where: Where = is_kernel,
+    where: Where | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MIGU: zero the gradient of each linear layer's low-magnitude outputs.
 
@@ -215,13 +216,17 @@ def mask_by_magnitude(
     ratio: ``T`` in ``[0, 1)``, the fraction of output features frozen per layer.
     enabled: switch; ``False`` passes gradients unchanged (MIGU trains the first
       task of a sequence unmasked). Injected with ``optax.inject_hyperparams``,
-      both ``ratio`` and ``enabled`` change between tasks without recompiling.
+      both ``ratio`` and ``enabled`` change between tasks without recompiling;
+      there give ``enabled=jnp.asarray(True)`` (optax keeps a Python bool
+      static).
     exact_count: keep exactly ``d_out - floor(T d_out)`` features (the paper's
       count, via ranks) instead of the quantile threshold.
     axis_name: if set, average the magnitudes over this ``pmap`` axis first
       (``lax.pmean``), so that every replica applies the same mask.
     where: ``where(path, leaf) -> bool`` selects the parameters to mask;
-      default: every leaf named ``kernel``.
+      default (None): every leaf named ``kernel``. Under
+      ``optax.inject_hyperparams`` pass it in ``static_args`` (optax would take
+      a callable for a schedule).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` takes
@@ -278,7 +283,7 @@ def strict_mask_by_magnitude(
     enabled: bool | jax.Array = True,
     exact_count: bool = False,
     axis_name: str | None = None,
-    where: Where = is_kernel,
+    where: Where | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MIGU with a true freeze: masks the gradient and the optimizer's final update.
 
@@ -328,7 +333,7 @@ def random_mask(
     *,
     seed: int = 0,
     enabled: bool | jax.Array = True,
-    where: Where = is_kernel,
+    where: Where | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Baseline: zero a random set of output features, as many as MIGU would.
 
@@ -357,7 +362,9 @@ def random_mask(
     key, step_key = jax.random.split(state.key)
     if magnitudes is None:
       magnitudes = {
-          path: jnp.ones(u.shape[-1:]) for path, u in _flatten(updates).items() if where(path, u)
+          path: jnp.ones(u.shape[-1:])
+          for path, u in _flatten(updates).items()
+          if (where or is_kernel)(path, u)
       }
       magnitudes = traverse_util.unflatten_dict(magnitudes)
     paths = sorted(_flatten(magnitudes))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import jax_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 LossFn = Callable[[Any, Any], tuple[jax.Array, Any]]
 
@@ -175,7 +175,8 @@ def make_train_step(
     return TrainStep(compiled, jax_utils.replicate, place_batch, jax_utils.unreplicate)
 
   if mode == "mesh":
-    mesh = mesh if mesh is not None else jax.make_mesh((jax.device_count(),), (data_axis,))
+    if mesh is None:
+      mesh = jax.make_mesh((jax.device_count(),), (data_axis,), axis_types=(AxisType.Auto,))
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P(data_axis))
 
