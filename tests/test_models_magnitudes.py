@@ -1,0 +1,47 @@
+"""MIGU sees every projection: each 'kernel' in params gets a magnitude at the same path."""
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import traverse_util
+
+magnitudes = pytest.importorskip("migu_jax.magnitudes")
+
+from migu_jax.models import bert, llama, t5  # noqa: E402
+
+IDS = jnp.array([[3, 4, 5, 6, 0], [7, 8, 9, 0, 0]], jnp.int32)
+MASK = (IDS != 0).astype(jnp.int32)
+
+
+def _family(name, remat):
+  if name == "bert":
+    cfg = bert.Config.preset("tiny", add_pooler=True, remat=remat)
+    return bert.BertModel(cfg), bert.params.init_params(cfg), (IDS, MASK)
+  if name == "roberta":
+    cfg = bert.Config.preset("tiny", model_type="roberta", pad_token_id=1, type_vocab_size=1,
+                             remat=remat)
+    return bert.BertModel(cfg), bert.params.init_params(cfg), (IDS, MASK)
+  if name.startswith("llama"):
+    cfg = llama.Config.preset("tiny", tie_word_embeddings=name == "llama-tied", remat=remat)
+    return llama.LlamaForCausalLM(cfg), llama.params.init_params(cfg), (IDS, MASK)
+  ff = "relu" if name == "t5-v1.0" else "gated-gelu"
+  cfg = t5.Config.preset("tiny", feed_forward_proj=ff, tie_word_embeddings=ff == "relu",
+                         remat=remat)
+  return (t5.T5ForConditionalGeneration(cfg), t5.params.init_params(cfg),
+          (IDS, MASK, IDS[:, :3]))
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
+@pytest.mark.parametrize("name", ["bert", "roberta", "llama-tied", "llama-untied",
+                                  "t5-v1.0", "t5-v1.1"])
+def test_every_kernel_has_a_magnitude(name, remat):
+  model, params, args = _family(name, remat)
+  _, mags = jax.jit(lambda p: magnitudes.apply_with_magnitudes(model, {"params": p}, *args))(params)
+  kernels = {k: v for k, v in traverse_util.flatten_dict(params).items() if k[-1] == "kernel"}
+  flat_mags = traverse_util.flatten_dict(mags)
+  assert set(flat_mags) == set(kernels)
+  for path, kernel in kernels.items():
+    assert flat_mags[path].shape == kernel.shape[-1:], path
+  if name == "llama-untied":  # q/k/v/o, gate/up/down per layer + lm_head
+    assert len(kernels) == 2 * 7 + 1
+  if name == "t5-v1.1":  # enc: 4 attn + 3 mlp, dec: 8 attn + 3 mlp, per layer; + lm_head
+    assert len(kernels) == 2 * 7 + 2 * 11 + 1
