@@ -15,12 +15,14 @@ whole gradient.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -102,20 +104,31 @@ def keep_mask(scores: jax.Array, ratio, *, exact_count: bool = False) -> jax.Arr
   return keep.reshape(scores.shape)
 
 
-def _raise_not_finite(where: str):
-  raise ValueError(
-      f"mask_by_magnitude: the magnitudes of {where} contain NaN or Inf. The"
-      " forward pass overflowed (try float32 statistics of a bfloat16 model, a"
-      " lower learning rate) or the magnitudes were built by hand wrongly."
-  )
+def _raise_not_finite(names: tuple[str, ...], finite) -> None:
+  bad = [name for name, ok in zip(names, finite) if not ok]
+  if bad:
+    raise ValueError(
+        f"mask_by_magnitude: the magnitudes of {', '.join(bad)} contain NaN or Inf."
+        " The forward pass overflowed (keep the statistics in float32, lower the"
+        " learning rate) or the magnitudes were built by hand wrongly."
+    )
 
 
-def _check_finite(where: str, m: jax.Array) -> None:
-  finite = jnp.all(jnp.isfinite(m))
+def _check_finite(named_magnitudes: dict[str, jax.Array]) -> None:
+  """One check for all layers: under jit a single host callback, on failure only."""
+  if not named_magnitudes:
+    return
+  names = tuple(named_magnitudes)
+  finite = jnp.stack([jnp.all(jnp.isfinite(m)) for m in named_magnitudes.values()])
   if _is_traced(finite):
-    jax.lax.cond(finite, lambda: None, lambda: jax.debug.callback(_raise_not_finite, where))
-  elif not bool(finite):
-    _raise_not_finite(where)
+    jax.lax.cond(
+        jnp.all(finite),
+        lambda f: None,
+        lambda f: jax.debug.callback(functools.partial(_raise_not_finite, names), f),
+        finite,
+    )
+  else:
+    _raise_not_finite(names, np.asarray(finite))
 
 
 def _check_shape(where: str, m: jax.Array, kernel_shape: tuple[int, ...]) -> None:
@@ -151,7 +164,7 @@ def layer_masks(
     )
   where = where or is_kernel
   flat_mags = _flatten(magnitudes)
-  masks = {}
+  masks, checked = {}, {}
   for path, update in _flatten(updates).items():
     if update is None or not where(path, update):
       continue
@@ -164,8 +177,9 @@ def layer_masks(
       )
     m = jnp.asarray(flat_mags[path])
     _check_shape(name, m, update.shape)
-    _check_finite(name, m)
+    checked[name] = m
     masks[path] = keep_mask(score_fn(path, m), ratio, exact_count=exact_count)
+  _check_finite(checked)
   return masks
 
 
