@@ -1,0 +1,490 @@
+"""How a model answers a benchmark task: batches, loss and evaluation for each model family.
+
+There are no per-task heads and no task id at test time. Every head sees the instruction prompt
+(:func:`migu_jax.cl.prompts.build_prompt`) and answers with one of the task's label strings:
+
+* ``encoder`` (BERT / MiniLM): the prompt and every label string are embedded by the same encoder
+  (mean pooling over the attention mask); the score of an option is
+  ``cos(prompt, label) / temperature`` and the loss is the cross-entropy over the task's options. The
+  prediction is the best-scoring option.
+* ``causal_lm`` (Llama / SmolLM2): the label text is the continuation of the prompt; the loss covers the
+  answer tokens (and end-of-sequence) only.
+* ``seq2seq`` (T5): the prompt is the encoder input, the label text the decoder target.
+
+The two language-model heads evaluate either by ``"options"`` (the option with the highest total
+log-likelihood) or by ``"generate"`` (greedy decoding, exact match of the decoded text with the label);
+results record which (:attr:`Head.eval_mode`).
+
+A head turns examples into padded numpy batches (lengths rounded up to ``length_buckets`` so a run
+compiles a handful of shapes), and provides ``loss(forward, params, batch)`` for
+:func:`migu_jax.make_train_step`. ``forward(params, *args, method=None, rng=None)`` runs the model and
+returns ``(outputs, magnitudes)``; :mod:`migu_jax.cl.methods` builds it (plain fine-tuning or LoRA).
+Evaluation takes plain model parameters (LoRA merged) and is separate from training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import migu_jax as migu
+from migu_jax.cl.data import Record, Task
+from migu_jax.cl.prompts import build_prompt
+from migu_jax.models.bert.modeling import mean_pool
+from migu_jax.models.generation import greedy_generate, greedy_generate_seq2seq
+
+Example = tuple[int, Record]
+"""A training or test example: (index of its task in the run's order, the record)."""
+
+_SENTINEL = "\x00"
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+  """What a head needs from the run config.
+
+  Attributes:
+    max_length: token budget of an input (prompt, or prompt + answer for causal LMs); the sentence is
+      truncated first so the instruction, options and ``Answer:`` survive.
+    length_buckets: padded lengths; a batch is padded to the smallest bucket that holds its longest row
+      (``max_length`` is always a bucket).
+    temperature: encoder head: initial temperature of the cosine scores.
+    learn_temperature: encoder head: whether the temperature is trained.
+    eval_mode: language-model heads: ``"options"`` or ``"generate"``.
+    eval_batch_size: rows per evaluation batch.
+    max_new_tokens: greedy decoding length (default: the longest label + 1).
+  """
+
+  max_length: int = 128
+  length_buckets: tuple[int, ...] = (32, 64, 96, 128)
+  temperature: float = 0.05
+  learn_temperature: bool = True
+  eval_mode: str = "options"
+  eval_batch_size: int = 32
+  max_new_tokens: int | None = None
+
+
+def _bucket(n: int, cfg: HeadConfig) -> int:
+  for b in sorted(set(cfg.length_buckets) | {cfg.max_length}):
+    if n <= b:
+      return b
+  return cfg.max_length
+
+
+def _pad(rows: Sequence[Sequence[int]], length: int, pad_id: int, *, left: bool = False):
+  ids = np.full((len(rows), length), pad_id, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, r in enumerate(rows):
+    r = list(r)[:length]
+    if left:
+      ids[i, length - len(r):], mask[i, length - len(r):] = r, 1
+    else:
+      ids[i, :len(r)], mask[i, :len(r)] = r, 1
+  return ids, mask
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+  return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+  """The special tokens the tokenizer puts before and after a text (BERT: [CLS] / [SEP]; T5: - / </s>;
+  Llama: <s> / -), read from how it encodes an empty string."""
+  empty = list(tokenizer("", add_special_tokens=True)["input_ids"])
+  starts = {getattr(tokenizer, a, None) for a in ("cls_token_id", "bos_token_id")} - {None}
+  n = 0
+  while n < len(empty) and empty[n] in starts:
+    n += 1
+  return empty[:n], empty[n:]
+
+
+class PromptCache:
+  """Token ids of each task's prompt, the sentence truncated so the prompt fits a budget."""
+
+  def __init__(self, tokenizer, tasks: Sequence[Task]):
+    self.tokenizer = tokenizer
+    self.parts = []
+    for task in tasks:
+      prefix, suffix = build_prompt(task, _SENTINEL).split(_SENTINEL)
+      self.parts.append((_tokens(tokenizer, prefix), _tokens(tokenizer, suffix)))
+    self._cache: dict[tuple[int, str], list[int]] = {}
+
+  def prompt(self, task_index: int, sentence: str, budget: int) -> list[int]:
+    """Prefix + sentence (cut to fit ``budget`` tokens) + suffix."""
+    key = (task_index, sentence)
+    if key not in self._cache:
+      self._cache[key] = _tokens(self.tokenizer, sentence)
+    prefix, suffix = self.parts[task_index]
+    room = budget - len(prefix) - len(suffix)
+    if room < 0:  # instruction and options alone overflow: keep the start and "Answer:".
+      return prefix[:max(budget - len(suffix), 0)] + suffix
+    return prefix + self._cache[key][:room] + suffix
+
+
+def _pad_id(tokenizer) -> int:
+  for attr in ("pad_token_id", "eos_token_id"):
+    value = getattr(tokenizer, attr, None)
+    if value is not None:
+      return int(value)
+  return 0
+
+
+class Head:
+  """Base class: the interface the runner uses. See the module docstring."""
+
+  name = "head"
+  eval_mode = "options"
+
+  def __init__(self, model, tokenizer, tasks: Sequence[Task], cfg: HeadConfig):
+    if tokenizer is None:
+      raise ValueError(f"{type(self).__name__}: the model came without a tokenizer. Put the tokenizer files "
+                       "(tokenizer.json / vocab.txt ...) in the model folder, or use a preset such as 'minilm'.")
+    self.model, self.tokenizer, self.tasks, self.cfg = model, tokenizer, list(tasks), cfg
+    self.prompts = PromptCache(tokenizer, tasks)
+    self.pad_id = _pad_id(tokenizer)
+    self.special_prefix, self.special_suffix = special_tokens(tokenizer)
+    self.n_special = len(self.special_prefix) + len(self.special_suffix)
+
+  def with_special(self, ids: list[int]) -> list[int]:
+    return self.special_prefix + list(ids) + self.special_suffix
+
+  def init(self, key) -> dict:
+    """Trainable parameters of the head itself (besides the model's)."""
+    del key
+    return {}
+
+  def train_batch(self, examples: Sequence[Example]) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  def loss(self, forward, params, batch):
+    raise NotImplementedError
+
+  def correct(self, params, task_index: int, records: Sequence[Record], progress=None) -> int:
+    """How many of ``records`` (of task ``task_index``) the model answers correctly."""
+    raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoder: cosine similarity between the prompt and each option's embedding
+# --------------------------------------------------------------------------------------------------
+
+
+def _normalize(x):
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class EncoderOptionHead(Head):
+  """Scores each option by ``cos(embed(prompt), embed(label)) / temperature``.
+
+  The label strings of every task of the run form one table (distinct strings, fixed shape), embedded
+  in every step; an example's candidates are its own task's labels (``candidates``), so one compiled
+  step serves every task, replayed examples included. MIGU's magnitudes are those of the prompt pass
+  (the task's inputs); the shared label table would add the same strings' activations to every task.
+  """
+
+  name = "encoder"
+  eval_mode = "options"
+
+  def __init__(self, model, tokenizer, tasks, cfg):
+    super().__init__(model, tokenizer, tasks, cfg)
+    self.labels = list(dict.fromkeys(label for t in tasks for label in t.labels))
+    index = {label: i for i, label in enumerate(self.labels)}
+    self.options = [np.array([index[label] for label in t.labels]) for t in tasks]
+    label_rows = [self.with_special(_tokens(tokenizer, s)[:cfg.max_length - self.n_special]) for s in self.labels]
+    length = _bucket(max(map(len, label_rows)), cfg)
+    self.label_ids, self.label_mask = _pad(label_rows, length, self.pad_id)
+    self._index = index
+    model_ = model
+
+    def embed(model_params, ids, mask):
+      hidden = model_.apply({"params": model_params}, ids, mask)
+      return _normalize(mean_pool(hidden, mask))
+
+    self._embed = jax.jit(embed)
+
+  def init(self, key):
+    del key
+    return {"log_scale": jnp.asarray(math.log(1.0 / self.cfg.temperature), jnp.float32)}
+
+  def _prompt_rows(self, examples):
+    budget = self.cfg.max_length - self.n_special
+    return [self.with_special(self.prompts.prompt(t, r.sentence, budget)) for t, r in examples]
+
+  def _candidates(self, examples):
+    cand = np.zeros((len(examples), len(self.labels)), bool)
+    for i, (t, _) in enumerate(examples):
+      cand[i, self.options[t]] = True
+    return cand
+
+  def train_batch(self, examples):
+    rows = self._prompt_rows(examples)
+    ids, mask = _pad(rows, _bucket(max(map(len, rows)), self.cfg), self.pad_id)
+    target = np.array([self._index[r.label] for _, r in examples], np.int32)
+    return {"ids": ids, "mask": mask, "candidates": self._candidates(examples), "target": target}
+
+  def _scale(self, head_params):
+    log_scale = head_params["log_scale"]
+    return jnp.exp(log_scale if self.cfg.learn_temperature else jax.lax.stop_gradient(log_scale))
+
+  def loss(self, forward, params, batch, rng=None):
+    hidden, mags = forward(params, batch["ids"], batch["mask"], rng=rng)
+    prompts = _normalize(mean_pool(hidden, batch["mask"]))
+    # The label table is a constant of the head (not a batch row: micro-batches and devices split rows).
+    label_hidden, _ = forward(params, self.label_ids, self.label_mask, rng=rng)
+    labels = _normalize(mean_pool(label_hidden, self.label_mask))
+    logits = self._scale(params["head"]) * prompts @ labels.T
+    logits = jnp.where(batch["candidates"], logits, -1e9)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["target"]).mean(), mags
+
+  def correct(self, params, task_index, records, progress=None):
+    labels = self._embed(params["model"], self.label_ids, self.label_mask)
+    options = self.options[task_index]
+    examples = [(task_index, r) for r in records]
+    rows = self._prompt_rows(examples)
+    order = np.argsort([len(r) for r in rows], kind="stable")  # similar lengths share a bucket
+    n_correct = 0
+    bs = self.cfg.eval_batch_size
+    for start in range(0, len(rows), bs):
+      chunk = order[start:start + bs]
+      batch_rows = [rows[i] for i in chunk] + [rows[chunk[0]]] * (bs - len(chunk))  # fixed batch shape
+      ids, mask = _pad(batch_rows, _bucket(max(map(len, batch_rows)), self.cfg), self.pad_id)
+      emb = self._embed(params["model"], ids, mask)
+      scores = np.asarray(emb @ labels[options].T)[:len(chunk)]
+      pred = options[np.argmax(scores, axis=1)]
+      gold = np.array([self._index[records[i].label] for i in chunk])
+      n_correct += int((pred == gold).sum())
+      if progress is not None:
+        progress(len(chunk))
+    return n_correct
+
+
+# --------------------------------------------------------------------------------------------------
+# Language models: the label text is the target
+# --------------------------------------------------------------------------------------------------
+
+
+class _LanguageModelHead(Head):
+  """Shared parts of the causal-LM and seq2seq heads: answers, option scoring and greedy decoding."""
+
+  def __init__(self, model, tokenizer, tasks, cfg):
+    super().__init__(model, tokenizer, tasks, cfg)
+    if cfg.eval_mode not in self.EVAL_MODES:
+      raise ValueError(f"eval_mode={cfg.eval_mode!r} is not one of {sorted(self.EVAL_MODES)} "
+                       f"({type(self).__name__}); set --eval-mode / config.eval_mode.")
+    self.eval_mode = cfg.eval_mode
+    eos = getattr(tokenizer, "eos_token_id", None)
+    self.eos_id = None if eos is None else int(eos)
+    self._answers: dict[str, list[int]] = {}
+
+  EVAL_MODES = ("options", "generate")
+
+  def answer(self, label: str) -> list[int]:
+    """The target tokens of a label: its text (after a space) and end-of-sequence."""
+    if label not in self._answers:
+      eos = [] if self.eos_id is None else [self.eos_id]
+      self._answers[label] = self._label_tokens(label) + eos
+    return self._answers[label]
+
+  def _label_tokens(self, label):
+    return _tokens(self.tokenizer, " " + label)
+
+  def _max_answer(self, task_index=None):
+    tasks = self.tasks if task_index is None else [self.tasks[task_index]]
+    return max(len(self.answer(label)) for t in tasks for label in t.labels)
+
+  def correct(self, params, task_index, records, progress=None):
+    mode = {"options": self._correct_by_options, "generate": self._correct_by_generation}[self.eval_mode]
+    return mode(params, task_index, records, progress)
+
+  def _correct_by_options(self, params, task_index, records, progress):
+    """Option scoring: the option whose tokens (without end-of-sequence) have the highest total log-likelihood."""
+    labels = self.tasks[task_index].labels
+    pairs = [(i, k) for i in range(len(records)) for k in range(len(labels))]
+    scores = np.zeros((len(records), len(labels)))
+    bs = self.cfg.eval_batch_size
+    for start in range(0, len(pairs), bs):
+      n = min(bs, len(pairs) - start)
+      chunk = pairs[start:start + n] + [pairs[start]] * (bs - n)  # fixed batch shape
+      batch = self._scoring_batch(task_index, [(records[i], labels[k]) for i, k in chunk])
+      logp = np.asarray(self._score(params["model"], batch))
+      for (i, k), s in zip(chunk[:n], logp[:n]):
+        scores[i, k] = s
+    if progress is not None:
+      progress(len(records))
+    pred = np.argmax(scores, axis=1)
+    return int(sum(labels[p] == r.label for p, r in zip(pred, records)))
+
+  def _correct_by_generation(self, params, task_index, records, progress):
+    """Greedy decoding; exact match of the decoded text (stripped) with the label."""
+    n_new = self.cfg.max_new_tokens or self._max_answer(task_index)
+    bs = self.cfg.eval_batch_size
+    n_correct = 0
+    for start in range(0, len(records), bs):
+      chunk = list(records[start:start + bs])
+      n = len(chunk)
+      chunk = chunk + [chunk[0]] * (bs - n)
+      tokens = np.asarray(self._generate(params["model"], task_index, chunk, n_new))
+      for r, row in zip(chunk[:n], tokens[:n]):
+        row = list(row)
+        if self.eos_id is not None and self.eos_id in row:
+          row = row[:row.index(self.eos_id)]
+        text = self.tokenizer.decode(row, skip_special_tokens=True)
+        n_correct += int(text.strip() == r.label.strip())
+      if progress is not None:
+        progress(n)
+    return n_correct
+
+
+def _token_logp(logits, targets):
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+class CausalLMHead(_LanguageModelHead):
+  """Decoder-only LM: ``prompt + " " + label + eos``, loss on the answer tokens only (right-padded)."""
+
+  name = "causal_lm"
+
+  def __init__(self, model, tokenizer, tasks, cfg):
+    super().__init__(model, tokenizer, tasks, cfg)
+    model_ = model
+
+    def score(model_params, batch):
+      logits = model_.apply({"params": model_params}, batch["ids"], batch["mask"])
+      lp = _token_logp(logits[:, :-1], batch["ids"][:, 1:])
+      return (lp * batch["loss_mask"][:, 1:]).sum(-1)
+
+    def generate(model_params, ids, mask, n_new):
+      return greedy_generate(model_, model_params, ids, mask, max_new_tokens=n_new,
+                             eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+
+    self._score = jax.jit(score)
+    self._generate_fn = generate
+
+  def _rows(self, pairs, task_index=None, *, with_eos=True):
+    """(ids, loss_mask) rows for (task, record, answer tokens) triples."""
+    rows, masks = [], []
+    for t, sentence, answer in pairs:
+      budget = self.cfg.max_length - len(answer) - self.n_special
+      prompt = self.with_special(self.prompts.prompt(t, sentence, budget))
+      rows.append(prompt + answer)
+      masks.append([0] * len(prompt) + [1] * len(answer))
+    return rows, masks
+
+  def _batch(self, rows, masks):
+    length = _bucket(max(map(len, rows)), self.cfg)
+    ids, mask = _pad(rows, length, self.pad_id)
+    loss_mask, _ = _pad(masks, length, 0)
+    return {"ids": ids, "mask": mask, "loss_mask": loss_mask}
+
+  def train_batch(self, examples):
+    rows, masks = self._rows([(t, r.sentence, self.answer(r.label)) for t, r in examples])
+    return self._batch(rows, masks)
+
+  def loss(self, forward, params, batch, rng=None):
+    logits, mags = forward(params, batch["ids"], batch["mask"], rng=rng)
+    lp = _token_logp(logits[:, :-1], batch["ids"][:, 1:])
+    weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    return -(lp * weights).sum() / jnp.maximum(weights.sum(), 1.0), mags
+
+  def _scoring_batch(self, task_index, pairs):
+    rows, masks = self._rows([(task_index, r.sentence, self._label_tokens(label)) for r, label in pairs])
+    return self._batch(rows, masks)
+
+  def _generate(self, model_params, task_index, records, n_new):
+    budget = self.cfg.max_length - self.n_special
+    rows = [self.with_special(self.prompts.prompt(task_index, r.sentence, budget)) for r in records]
+    ids, mask = _pad(rows, _bucket(max(map(len, rows)), self.cfg), self.pad_id, left=True)
+    return self._generate_fn(model_params, ids, mask, n_new)
+
+
+class Seq2SeqHead(_LanguageModelHead):
+  """Encoder-decoder (T5): the prompt is the encoder input, ``label + eos`` the decoder target."""
+
+  name = "seq2seq"
+
+  def __init__(self, model, tokenizer, tasks, cfg):
+    super().__init__(model, tokenizer, tasks, cfg)
+    model_ = model
+    self.start_id = int(getattr(model.config, "decoder_start_token_id", 0) or 0)
+
+    def score(model_params, batch):
+      logits = model_.apply({"params": model_params}, batch["ids"], batch["mask"], batch["dec_ids"],
+                            batch["dec_mask"])
+      return (_token_logp(logits, batch["targets"]) * batch["loss_mask"]).sum(-1)
+
+    def generate(model_params, ids, mask, n_new):
+      return greedy_generate_seq2seq(model_, model_params, ids, mask, max_new_tokens=n_new,
+                                     eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                                     decoder_start_token_id=self.start_id)
+
+    self._score = jax.jit(score)
+    self._generate_fn = generate
+
+  def _label_tokens(self, label):
+    return _tokens(self.tokenizer, label)
+
+  def _encoder_ids(self, task_index, sentence):
+    budget = self.cfg.max_length - self.n_special
+    return self.with_special(self.prompts.prompt(task_index, sentence, budget))
+
+  def _batch(self, pairs):
+    rows = [self._encoder_ids(t, s) for t, s, _ in pairs]
+    ids, mask = _pad(rows, _bucket(max(map(len, rows)), self.cfg), self.pad_id)
+    answers = [a for _, _, a in pairs]
+    length = _bucket(max(map(len, answers)), self.cfg)
+    targets, loss_mask = _pad(answers, length, self.pad_id)
+    dec = [[self.start_id] + a[:-1] for a in answers]
+    dec_ids, dec_mask = _pad(dec, length, self.pad_id)
+    return {"ids": ids, "mask": mask, "dec_ids": dec_ids, "dec_mask": dec_mask, "targets": targets,
+            "loss_mask": loss_mask}
+
+  def train_batch(self, examples):
+    return self._batch([(t, r.sentence, self.answer(r.label)) for t, r in examples])
+
+  def loss(self, forward, params, batch, rng=None):
+    logits, mags = forward(params, batch["ids"], batch["mask"], batch["dec_ids"], batch["dec_mask"], rng=rng)
+    weights = batch["loss_mask"].astype(jnp.float32)
+    lp = _token_logp(logits, batch["targets"])
+    return -(lp * weights).sum() / jnp.maximum(weights.sum(), 1.0), mags
+
+  def _scoring_batch(self, task_index, pairs):
+    return self._batch([(task_index, r.sentence, self._label_tokens(label)) for r, label in pairs])
+
+  def _generate(self, model_params, task_index, records, n_new):
+    rows = [self._encoder_ids(task_index, r.sentence) for r in records]
+    ids, mask = _pad(rows, _bucket(max(map(len, rows)), self.cfg), self.pad_id)
+    return self._generate_fn(model_params, ids, mask, n_new)
+
+
+HEADS: dict[str, type[Head]] = {
+    "encoder": EncoderOptionHead,
+    "causal_lm": CausalLMHead,
+    "seq2seq": Seq2SeqHead,
+}
+"""Head name -> class."""
+
+DEFAULT_HEADS: dict[str, str] = {"bert": "encoder", "roberta": "encoder", "llama": "causal_lm", "t5": "seq2seq"}
+"""A model's ``config.model_type`` -> the head used unless the config names one."""
+
+
+def make_head(name: str | None, model, tokenizer, tasks: Sequence[Task], cfg: HeadConfig) -> Head:
+  """The head ``name`` (default: by the model's family) for ``tasks``.
+
+  Raises:
+    ValueError: an unknown head name or model family; the message lists the known ones.
+  """
+  if name is None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_HEADS:
+      raise ValueError(f"No default head for model_type {model_type!r}; known: {sorted(DEFAULT_HEADS)}. "
+                       f"Set config.head to one of {sorted(HEADS)}.")
+    name = DEFAULT_HEADS[model_type]
+  if name not in HEADS:
+    raise ValueError(f"Unknown head {name!r}; choose one of {sorted(HEADS)} (config.head / --head).")
+  return HEADS[name](model, tokenizer, tasks, cfg)

@@ -1,0 +1,251 @@
+"""Continual-learning methods: a registry from a name to what the method changes in the one train loop.
+
+A method is a small declarative record (:class:`Method`): which gradient mask it uses (a key of
+:data:`MASKS`), whether it replays earlier tasks' data, whether it trains LoRA adapters instead of the
+model. From it and the run config, the functions below build
+
+* the trainable tree: ``{"model": ..., "head": ...}`` (+ ``"lora"``; then ``"model"`` is frozen),
+* ``forward(params, *args, rng=None)`` -> ``(outputs, magnitudes)`` for the heads,
+* the optax transformation: ``[mask] -> clip_by_global_norm -> adamw`` (the mask first, so the clipping
+  norm is that of the kept gradient), with the mask's ``enabled`` switch injected
+  (``optax.inject_hyperparams``) so the first task trains unmasked and later tasks masked without
+  recompiling,
+* each task's training examples (with the replayed ones),
+* the plain parameters evaluation uses (LoRA merged).
+
+=============  ==========================================================================
+name           method
+=============  ==========================================================================
+seqft          sequential fine-tuning, nothing against forgetting
+migu           MIGU: keep the gradient of the top ``1 - T`` output magnitudes per layer
+migu_strict    MIGU that also masks AdamW's update (masked features do not move at all)
+random         the same number of output features, chosen at random each step
+replay         mix ``replay_fraction`` of each earlier task's training data into the task
+migu_replay    MIGU + replay
+lora           LoRA adapters only (rank, alpha, dropout, target modules from the config)
+migu_lora      MIGU on the LoRA adapters (``lora_a`` by rank component, ``lora_b`` by output)
+=============  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import migu_jax as migu
+from migu_jax import lora as lora_lib
+from migu_jax.cl.data import Task
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """What a continual-learning method changes. See the module docstring for the registered ones."""
+
+  name: str
+  description: str
+  mask: str | None = None
+  replay: bool = False
+  lora: bool = False
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("seqft", "sequential fine-tuning"),
+    Method("migu", "MIGU magnitude-based gradient mask", mask="magnitude"),
+    Method("migu_strict", "MIGU, AdamW update masked too", mask="strict"),
+    Method("random", "random gradient mask of MIGU's size", mask="random"),
+    Method("replay", "experience replay of earlier tasks", replay=True),
+    Method("migu_replay", "MIGU + replay", mask="magnitude", replay=True),
+    Method("lora", "LoRA adapters", lora=True),
+    Method("migu_lora", "MIGU on LoRA adapters", mask="magnitude", lora=True),
+)}
+
+
+def get_method(name: str) -> Method:
+  """The registered method ``name``; the error lists the known names."""
+  if name not in METHODS:
+    raise ValueError(f"Unknown method {name!r}. Known methods: {', '.join(METHODS)} "
+                     "(config.methods / --methods; add new ones to migu_jax.cl.methods.METHODS).")
+  return METHODS[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters and forward
+# --------------------------------------------------------------------------------------------------
+
+
+def init_params(method: Method, cfg, model_params, head_params, key) -> dict:
+  """The tree the train step updates: ``{"model", "head"}``, plus ``"lora"`` for LoRA methods."""
+  params = {"model": model_params, "head": head_params}
+  if method.lora:
+    params["lora"] = lora_lib.init_lora(key, model_params, rank=cfg.lora_rank,
+                                        targets=tuple(cfg.lora_targets) if cfg.lora_targets else None)
+  return params
+
+
+def make_forward(method: Method, cfg, model) -> Callable:
+  """``forward(params, *args, rng=None) -> (outputs, magnitudes)`` keyed like the trainable tree."""
+  if not method.lora:
+    def forward(params, *args, rng=None):
+      del rng
+      out, mags = migu.apply_with_magnitudes(model, {"params": params["model"]}, *args)
+      return out, {"model": mags}
+    return forward
+
+  def forward_lora(params, *args, rng=None):
+    frozen = jax.lax.stop_gradient(params["model"])
+    out, mags = lora_lib.apply_with_lora(
+        model, {"params": frozen}, params["lora"], *args, alpha=cfg.lora_alpha, rank=cfg.lora_rank,
+        dropout=cfg.lora_dropout, dropout_rng=rng if cfg.lora_dropout > 0 else None)
+    return out, {"lora": mags}
+  return forward_lora
+
+
+def eval_params(method: Method, cfg, params) -> dict:
+  """Plain ``{"model", "head"}`` parameters for evaluation (LoRA merged into the kernels)."""
+  if not method.lora:
+    return {"model": params["model"], "head": params["head"]}
+  merged = lora_lib.merge_lora(params["model"], params["lora"], alpha=cfg.lora_alpha, rank=cfg.lora_rank)
+  return {"model": merged, "head": params["head"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------------------
+
+
+def _where(method: Method) -> Callable[[tuple[str, ...], Any], bool]:
+  """Which leaves the mask acts on: the model's kernels, or the LoRA factors."""
+  if method.lora:
+    return lambda path, leaf: path[0] == "lora" and lora_lib.is_lora(path[1:], leaf)
+  return lambda path, leaf: path[0] == "model" and migu.is_kernel(path, leaf)
+
+
+def _magnitude_mask(cfg, optimizer, where, seed):
+  del seed
+  mask = optax.inject_hyperparams(migu.mask_by_magnitude, static_args=("exact_count", "where"))(
+      ratio=cfg.ratio, enabled=jnp.asarray(True), exact_count=cfg.exact_count, where=where)
+  return optax.chain(mask, optimizer)
+
+
+def _strict_mask(cfg, optimizer, where, seed):
+  del seed
+  return optax.inject_hyperparams(migu.strict_mask_by_magnitude,
+                                  static_args=("optimizer", "exact_count", "where"))(
+      ratio=cfg.ratio, optimizer=optimizer, enabled=jnp.asarray(True), exact_count=cfg.exact_count,
+      where=where)
+
+
+def _random_mask(cfg, optimizer, where, seed):
+  mask = optax.inject_hyperparams(migu.random_mask, static_args=("seed", "where"))(
+      ratio=cfg.ratio, seed=seed, enabled=jnp.asarray(True), where=where)
+  return optax.chain(mask, optimizer)
+
+
+MASKS: dict[str, Callable] = {
+    "magnitude": _magnitude_mask,
+    "strict": _strict_mask,
+    "random": _random_mask,
+}
+"""Mask name -> ``build(cfg, optimizer, where, seed)`` wrapping the optimizer with the mask first."""
+
+SCHEDULES: dict[str, Callable[[Any], optax.Schedule]] = {
+    "constant": lambda cfg: optax.constant_schedule(cfg.learning_rate),
+}
+"""Learning-rate schedule name -> ``build(cfg)``; the reference trains with a constant rate."""
+
+
+def make_optimizer(method: Method, cfg, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """``[mask] -> clip_by_global_norm(cfg.clip_norm) -> adamw``; LoRA methods freeze ``params['model']``."""
+  if cfg.schedule not in SCHEDULES:
+    raise ValueError(f"Unknown schedule {cfg.schedule!r}; choose one of {sorted(SCHEDULES)} (config.schedule).")
+  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+  parts.append(optax.adamw(SCHEDULES[cfg.schedule](cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                           weight_decay=cfg.weight_decay))
+  tx = optax.chain(*parts)
+  if method.mask is not None:
+    tx = MASKS[method.mask](cfg, tx, _where(method), seed)
+  if not method.lora:
+    return optax.with_extra_args_support(tx)
+
+  def labels(params):
+    return {k: jax.tree.map(lambda _: "frozen" if k == "model" else "train", v) for k, v in params.items()}
+
+  return optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _is_injected(x) -> bool:
+  return isinstance(x, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState))
+
+
+def set_hyperparam(opt_state, name: str, value):
+  """``opt_state`` with the injected hyperparameter ``name`` set to ``value`` wherever it occurs."""
+
+  def update(state):
+    if _is_injected(state) and name in state.hyperparams:
+      old = state.hyperparams[name]
+      return state._replace(hyperparams={**state.hyperparams, name: jnp.asarray(value, old.dtype)})
+    return state
+
+  return jax.tree.map(update, opt_state, is_leaf=_is_injected)
+
+
+def start_task(method: Method, cfg, tx, params, task_index: int):
+  """A fresh optimizer state for a task (reset at every task, as the reference does); the mask is off on
+  the first task when ``cfg.first_task_unmasked``."""
+  state = tx.init(params)
+  if method.mask is not None:
+    state = set_hyperparam(state, "enabled", not (task_index == 0 and cfg.first_task_unmasked))
+  return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Data mix
+# --------------------------------------------------------------------------------------------------
+
+
+def training_examples(method: Method, cfg, tasks: Sequence[Task], task_index: int, seed: int
+                      ) -> list[tuple[int, Any]]:
+  """Task ``task_index``'s training examples as ``(task index, record)``, with replayed earlier data.
+
+  Replay draws ``ceil(replay_fraction * n_j)`` records of each earlier task ``j``, a pure function of
+  ``(seed, task_index, j)``.
+  """
+  examples = [(task_index, r) for r in tasks[task_index].train]
+  if method.replay and cfg.replay_fraction > 0:
+    for j in range(task_index):
+      pool = tasks[j].train
+      n = min(len(pool), math.ceil(cfg.replay_fraction * len(pool)))
+      picks = np.random.default_rng([seed, task_index, j, 7]).choice(len(pool), n, replace=False)
+      examples.extend((j, pool[i]) for i in sorted(picks))
+  return examples
+
+
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+  """Full batches per epoch (the last partial batch is dropped; a smaller set fills one batch cyclically)."""
+  return max(1, n_examples // batch_size)
+
+
+def batch_indices(n_examples: int, batch_size: int, seed: int, task_index: int, step: int) -> np.ndarray:
+  """Which examples step ``step`` of a task trains on: a pure function of ``(seed, task, epoch, step)``.
+
+  Each epoch is a fresh permutation drawn from ``(seed, task_index, epoch)``, so a run resumed at any
+  step replays nothing and skips nothing.
+  """
+  spe = steps_per_epoch(n_examples, batch_size)
+  epoch, i = divmod(step, spe)
+  perm = _permutation(n_examples, seed, task_index, epoch)
+  return np.resize(perm[i * batch_size:], batch_size) if n_examples < batch_size else (
+      perm[i * batch_size:(i + 1) * batch_size])
+
+
+@functools.lru_cache(maxsize=8)
+def _permutation(n: int, seed: int, task_index: int, epoch: int) -> np.ndarray:
+  return np.random.default_rng([seed, task_index, epoch]).permutation(n)

@@ -1,0 +1,169 @@
+"""Results of continual-learning runs: JSON, Markdown tables and the side-by-side comparison.
+
+A run's result (``<output>/<method>/seed_<s>/result.json``) holds its task order, the initial accuracies,
+the accuracy matrix ``R[i][j]`` (rows: after training task ``i``; columns: task ``j``; fractions), the
+metrics of :func:`migu_jax.cl.metrics.summarize`, the evaluation mode, the tasks evaluated on a held-out
+part of their training file, wall times and losses. An experiment's ``results.json`` gathers the runs with
+the config, package versions and a comparison of the methods (mean over seeds); ``results.md`` shows the
+same as tables. Only complete runs have a result.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from migu_jax.cl.metrics import summarize
+
+METRICS = (("average_accuracy", "AA"), ("backward_transfer", "BWT"), ("forward_transfer", "FWT"),
+           ("average_forgetting", "Forgetting"))
+"""The metrics compared side by side: key in :func:`summarize` -> column name."""
+
+_PACKAGES = ("migu-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "transformers",
+             "tokenizers")
+
+
+def versions() -> dict:
+  """Python, platform, devices and the versions of the packages a result depends on."""
+  out = {"python": sys.version.split()[0], "platform": platform.platform()}
+  for name in _PACKAGES:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = None
+  try:
+    import jax
+    out["devices"] = [str(d) for d in jax.devices()]
+  except Exception:  # noqa: BLE001 - versions are informative only
+    pass
+  return out
+
+
+def _clean(x):
+  """NaN -> None, so the JSON is standard."""
+  if isinstance(x, float) and math.isnan(x):
+    return None
+  if isinstance(x, dict):
+    return {k: _clean(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_clean(v) for v in x]
+  return x
+
+
+def run_result(method: str, seed: int, tasks, meta: dict, eval_mode: str) -> dict:
+  """The result of one complete run from the runner's checkpoint ``meta``."""
+  matrix = meta["rows"]
+  return _clean({
+      "method": method,
+      "seed": seed,
+      "tasks": [t.name for t in tasks],
+      "eval_mode": eval_mode,
+      "heldout_tasks": [t.name for t in tasks if t.test_is_heldout],
+      "train_examples": [len(t.train) for t in tasks],
+      "test_examples": [len(t.test) for t in tasks],
+      "initial": meta["initial"],
+      "matrix": matrix,
+      "metrics": summarize(matrix, initial=meta["initial"]),
+      "steps": meta["steps"],
+      "wall_time_s": {"initial_eval": meta["initial_eval_s"], "train": meta["train_s"], "eval": meta["eval_s"],
+                      "total": meta["initial_eval_s"] + sum(meta["train_s"]) + sum(meta["eval_s"])},
+      "final_loss": [losses[-1] if losses else None for losses in meta["losses"]],
+      "params_sha256": meta.get("params_sha256"),
+  })
+
+
+def comparison(runs: Sequence[dict]) -> dict:
+  """Per method: each metric's mean and standard deviation over seeds, and the seeds."""
+  out = {}
+  for method in dict.fromkeys(r["method"] for r in runs):
+    mine = [r for r in runs if r["method"] == method]
+    row = {"seeds": [r["seed"] for r in mine]}
+    for key, _ in METRICS:
+      values = [r["metrics"][key] for r in mine if r["metrics"][key] is not None]
+      row[key] = float(np.mean(values)) if values else None
+      row[key + "_std"] = float(np.std(values)) if len(values) > 1 else None
+    out[method] = row
+  return out
+
+
+def experiment_results(config: dict, runs: Sequence[dict], *, wall_s: float, data_dir: str) -> dict:
+  """``results.json`` of an experiment: config, versions, runs and comparison."""
+  return _clean({"config": config, "data_dir": data_dir, "versions": versions(), "wall_time_s": wall_s,
+                 "eval_mode": sorted({r["eval_mode"] for r in runs}),
+                 "heldout_tasks": sorted({t for r in runs for t in r["heldout_tasks"]}),
+                 "runs": list(runs), "comparison": comparison(runs)})
+
+
+def _pct(x) -> str:
+  return "-" if x is None else f"{100 * x:.1f}"
+
+
+def comparison_table(comp: dict) -> str:
+  """Markdown table: one row per method, AA / BWT / FWT / forgetting in percent (mean ± std over seeds)."""
+  lines = ["| method | " + " | ".join(name for _, name in METRICS) + " | seeds |",
+           "|---|" + "---:|" * len(METRICS) + "---|"]
+  for method, row in comp.items():
+    cells = []
+    for key, _ in METRICS:
+      cell = _pct(row[key])
+      if row.get(key + "_std") is not None:
+        cell += f" ± {100 * row[key + '_std']:.1f}"
+      cells.append(cell)
+    lines.append(f"| {method} | " + " | ".join(cells) + f" | {','.join(map(str, row['seeds']))} |")
+  return "\n".join(lines)
+
+
+def matrix_table(run: dict) -> str:
+  """Markdown accuracy matrix of one run (percent), the initial row first."""
+  tasks = run["tasks"]
+  lines = ["| after \\ on | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks),
+           "| initial | " + " | ".join(_pct(x) for x in run["initial"]) + " |"]
+  for name, row in zip(tasks, run["matrix"]):
+    lines.append(f"| {name} | " + " | ".join(_pct(x) for x in row) + " |")
+  return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+  """``results.md``: the comparison, then each run's matrix."""
+  cfg = results["config"]
+  parts = [f"# Continual learning: {', '.join(results['config']['methods'])}", "",
+           f"Model `{cfg['model']}`, order `{cfg['order']}`, eval mode {', '.join(results['eval_mode'])}; "
+           f"accuracies in percent. Wall time {results['wall_time_s']:.0f} s.", ""]
+  if results["heldout_tasks"]:
+    parts += [f"Tasks evaluated on a held-out part of train.json (no test file): "
+              f"{', '.join(results['heldout_tasks'])}.", ""]
+  parts += [comparison_table(results["comparison"]), ""]
+  for run in results["runs"]:
+    parts += [f"## {run['method']}, seed {run['seed']}", "", matrix_table(run), ""]
+  return "\n".join(parts)
+
+
+def write_results(folder: str | os.PathLike, results: dict) -> None:
+  """Writes ``results.json`` and ``results.md`` into ``folder`` (each replaced atomically)."""
+  folder = Path(folder)
+  for name, text in (("results.json", json.dumps(results, indent=2, default=str)),
+                     ("results.md", markdown(results))):
+    tmp = folder / (name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, folder / name)
+
+
+def load_results(folder: str | os.PathLike) -> dict:
+  """The ``results.json`` of an experiment folder.
+
+  Raises:
+    FileNotFoundError: there is none (the run is not finished, or the path is wrong); names the folder.
+  """
+  path = Path(folder) / "results.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} does not exist: {folder} is not a finished experiment folder. Finish the "
+                            "run (start it again with the same command to resume) or point at another folder.")
+  return json.loads(path.read_text())

@@ -1,0 +1,472 @@
+"""The continual-learning runner: one train loop, configured, with checkpoints and exact resume.
+
+For each method and seed of a :class:`Config`, :func:`run_sequence` trains on the tasks of the order one
+after the other and, before any training and after every task, evaluates on the test set of every task
+(seen and unseen): the initial accuracies ``b`` and the accuracy matrix ``R[i][j]``. The data flows one
+way::
+
+    tasks -> examples (methods.training_examples) -> batches (head.train_batch)
+          -> step(params, opt_state, batch) -> (loss, magnitudes) -> tx.update(..., magnitudes=) -> params
+    params -> methods.eval_params -> head.correct (per task) -> a row of R
+
+The runner orchestrates: the heads (:mod:`migu_jax.cl.heads`) compute losses and answers, the methods
+(:mod:`migu_jax.cl.methods`) build optimizers and data mixes, :mod:`migu_jax.cl.checkpoint` saves,
+:mod:`migu_jax.cl.report` writes results.
+
+Checkpoints are written after the initial evaluation, every ``checkpoint_every`` steps, and after each
+task's evaluation. The data order is a pure function of ``(seed, task, epoch)``, so a run killed at any
+moment and started again with the same config continues from its last complete checkpoint and ends with
+the same accuracy matrix as an uninterrupted run (bit-identical on CPU). Results (``result.json``) are
+written only when a run is complete.
+
+Example (a few minutes on CPU; the exact command of the main job is in experiments/configs/)::
+
+    from migu_jax.cl import runner
+    results = runner.run_experiment(runner.Config(order="dbpedia,agnews", train_per_class=8, max_test=50))
+    print(results["comparison"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+import migu_jax as migu
+from migu_jax.cl import checkpoint as ckpt_lib
+from migu_jax.cl import heads as heads_lib
+from migu_jax.cl import methods as methods_lib
+from migu_jax.cl import report as report_lib
+from migu_jax.cl.data import DataError, Task, load_task, resolve_data_dir, resolve_order
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "CL_Benchmark"
+"""The benchmark copy next to the repository (used as the data default when it exists)."""
+
+
+@dataclasses.dataclass
+class Config:
+  """Every setting of a continual-learning run. A config file's ``get_config()`` returns one (or a dict).
+
+  Model and head: ``model`` (a preset such as ``"minilm"``, a local Hugging Face folder or a hub id);
+  ``head`` (None: by model family, see :data:`migu_jax.cl.heads.DEFAULT_HEADS`); ``eval_mode``
+  (language-model heads: ``"options"`` or ``"generate"``); ``max_length``, ``length_buckets``,
+  ``temperature``, ``learn_temperature``, ``eval_batch_size``, ``max_new_tokens`` (see
+  :class:`migu_jax.cl.heads.HeadConfig`).
+
+  Data: ``data_dir`` (None: ``$MIGU_DATA_DIR``, else the shared copy next to the repository);
+  ``order`` (a built-in order "1".."6", or task names); ``train_per_class`` and ``max_test`` (None: all).
+
+  Methods: ``methods`` (names from :data:`migu_jax.cl.methods.METHODS`, run side by side), ``seeds``,
+  ``ratio`` (MIGU's T), ``exact_count``, ``first_task_unmasked``, ``replay_fraction``, ``lora_rank``,
+  ``lora_alpha``, ``lora_dropout``, ``lora_targets`` (substrings of module names; empty: every linear).
+
+  Optimization: AdamW (``learning_rate``, ``schedule``, ``weight_decay``, ``adam_b1/b2/eps``),
+  ``clip_norm`` (after the mask; None: off), ``batch_size``, ``micro_batches``, ``epochs``. The optimizer
+  state is reset at every task.
+
+  Run: ``output_dir``, ``checkpoint_every`` (steps), ``keep_checkpoints``, ``magnitude_batches`` (batches
+  per task whose magnitudes are kept for the plots), ``progress`` (tqdm bars).
+  """
+
+  model: str = "minilm"
+  head: str | None = None
+  eval_mode: str = "options"
+  data_dir: str | None = None
+  order: str | tuple[str, ...] = "1"
+  train_per_class: int | None = 32
+  max_test: int | None = 200
+  methods: tuple[str, ...] = ("seqft", "migu")
+  seeds: tuple[int, ...] = (0,)
+  ratio: float = 0.7
+  exact_count: bool = False
+  first_task_unmasked: bool = True
+  replay_fraction: float = 0.02
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = ("query", "value")
+  learning_rate: float = 5e-5
+  schedule: str = "constant"
+  weight_decay: float = 0.0
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adam_eps: float = 1e-8
+  clip_norm: float | None = 1.0
+  batch_size: int = 16
+  micro_batches: int = 1
+  epochs: int = 1
+  max_length: int = 128
+  length_buckets: tuple[int, ...] = (64, 96, 128)
+  temperature: float = 0.05
+  learn_temperature: bool = True
+  eval_batch_size: int = 32
+  max_new_tokens: int | None = None
+  output_dir: str = "runs/default"
+  checkpoint_every: int = 50
+  keep_checkpoints: int = 2
+  magnitude_batches: int = 2
+  progress: bool = True
+
+  def __post_init__(self):
+    for name in ("methods", "seeds", "length_buckets", "lora_targets"):
+      value = getattr(self, name)
+      if isinstance(value, (str, int)):
+        value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else [value]
+      setattr(self, name, tuple(int(v) for v in value) if name in ("seeds", "length_buckets") else tuple(value))
+    if not isinstance(self.order, str):
+      self.order = tuple(self.order)
+    for name in ("batch_size", "micro_batches", "epochs", "max_length", "eval_batch_size", "checkpoint_every"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"Config.{name}={getattr(self, name)!r} must be >= 1.")
+    if self.batch_size % self.micro_batches:
+      raise ValueError(f"Config.batch_size={self.batch_size} is not divisible by micro_batches="
+                       f"{self.micro_batches}; choose a batch size that is a multiple of it.")
+    if not 0.0 <= self.ratio < 1.0:
+      raise ValueError(f"Config.ratio={self.ratio} (MIGU's T) must be in [0, 1); 0.7 keeps 30% of each layer.")
+    if not self.methods:
+      raise ValueError("Config.methods is empty; name at least one of " + ", ".join(methods_lib.METHODS) + ".")
+    if not self.seeds:
+      raise ValueError("Config.seeds is empty; give at least one seed, e.g. (0,).")
+    for name in self.methods:
+      methods_lib.get_method(name)
+
+  @classmethod
+  def from_dict(cls, values: dict) -> "Config":
+    """A Config from a dict; an unknown key is an error that lists the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"Unknown config key(s) {unknown}. Known keys: {', '.join(sorted(known))}.")
+    return cls(**values)
+
+  def replace(self, **changes) -> "Config":
+    return self.from_dict({**self.to_dict(), **{k: v for k, v in changes.items()}})
+
+  def to_dict(self) -> dict:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+  def head_config(self) -> heads_lib.HeadConfig:
+    return heads_lib.HeadConfig(max_length=self.max_length, length_buckets=self.length_buckets,
+                                temperature=self.temperature, learn_temperature=self.learn_temperature,
+                                eval_mode=self.eval_mode, eval_batch_size=self.eval_batch_size,
+                                max_new_tokens=self.max_new_tokens)
+
+
+# Settings a resumed run must share with the checkpoint it resumes (the rest only affect bookkeeping).
+_RUN_ONLY = ("output_dir", "progress", "methods", "seeds", "checkpoint_every", "keep_checkpoints")
+
+
+def _json_ready(value):
+  if isinstance(value, tuple):
+    return [_json_ready(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _json_ready(v) for k, v in value.items()}
+  return value
+
+
+def _identity(cfg: Config, method: str, seed: int) -> dict:
+  values = {k: v for k, v in cfg.to_dict().items() if k not in _RUN_ONLY}
+  return _json_ready({**values, "method": method, "seed": seed})
+
+
+def _fingerprint(values: dict) -> str:
+  return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def data_dir(cfg: Config) -> Path:
+  """``cfg.data_dir``, else ``$MIGU_DATA_DIR``, else the shared copy next to the repository, else the
+  error of :func:`migu_jax.cl.data.resolve_data_dir`."""
+  if cfg.data_dir is None and not os.environ.get("MIGU_DATA_DIR") and SHARED_DATA.is_dir():
+    return SHARED_DATA
+  return resolve_data_dir(cfg.data_dir, tasks=resolve_order(cfg.order))
+
+
+def load_tasks(cfg: Config, seed: int) -> list[Task]:
+  """The tasks of ``cfg.order``, subsampled (train per class, max test) with ``seed``."""
+  root = data_dir(cfg)
+  return [load_task(root, name, train_per_class=cfg.train_per_class, max_test=cfg.max_test, seed=seed)
+          for name in resolve_order(cfg.order)]
+
+
+@functools.lru_cache(maxsize=2)
+def load_model(spec: str):
+  """``(model, params, tokenizer)`` of a preset, local folder or hub id (cached: runs share it)."""
+  from migu_jax.models import from_pretrained
+  return from_pretrained(spec)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation (separate from training)
+# --------------------------------------------------------------------------------------------------
+
+
+def _bar(cfg: Config, **kwargs):
+  from tqdm.auto import tqdm
+  return tqdm(disable=not cfg.progress, dynamic_ncols=True, leave=False, **kwargs)
+
+
+def evaluate(head: heads_lib.Head, params, tasks: Sequence[Task], *, cfg: Config, desc: str = "eval"
+             ) -> list[float]:
+  """Accuracy on the test set of every task, with plain ``{"model", "head"}`` parameters."""
+  row = []
+  with _bar(cfg, total=sum(len(t.test) for t in tasks), desc=desc, unit="ex") as bar:
+    for j, task in enumerate(tasks):
+      row.append(head.correct(params, j, task.test, progress=bar.update) / len(task.test))
+      bar.set_postfix_str(" ".join(f"{a:.2f}" for a in row))
+  return row
+
+
+def capture_magnitudes(head: heads_lib.Head, params, examples, cfg: Config, seed: int, n_batches: int
+                       ) -> dict[str, np.ndarray]:
+  """Output magnitudes of every linear layer of the plain model, summed over ``n_batches`` batches of
+  ``examples`` (drawn with ``seed``), as ``{"layer/path/kernel": vector}``."""
+  def build():
+    forward = methods_lib.make_forward(methods_lib.get_method("seqft"), cfg, head.model)
+    return jax.jit(lambda p, b: head.loss(forward, p, b)[1]["model"])
+
+  fn = _cached(("magnitudes", id(head)), build)
+  total = None
+  rng = np.random.default_rng([seed, 99])
+  for _ in range(n_batches):
+    idx = rng.choice(len(examples), min(cfg.batch_size, len(examples)), replace=False)
+    mags = fn(params, head.train_batch([examples[i] for i in idx]))
+    total = mags if total is None else jax.tree.map(jnp.add, total, mags)
+  return {"/".join(p): np.asarray(v).reshape(-1) for p, v in traverse_util.flatten_dict(total).items()}
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def _write_json(path: Path, value) -> None:
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(value, indent=2, default=str))
+  os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The train loop
+# --------------------------------------------------------------------------------------------------
+
+Callback = Callable[[str, dict], None]
+"""``callback(event, info)``: events ``"step"`` (after each train step), ``"saved"`` (after each checkpoint),
+``"task_done"`` (after each task's evaluation)."""
+
+
+_CACHE: dict[tuple, Any] = {}
+_HEAD_KEYS = ("model", "head", "eval_mode", "order", "max_length", "length_buckets", "temperature",
+              "learn_temperature", "eval_batch_size", "max_new_tokens")
+
+
+def _cached(key: tuple, build: Callable[[], Any]):
+  """Heads and compiled steps are reused by later runs of one process (seeds, resumed runs, the CLI)."""
+  if key not in _CACHE:
+    if len(_CACHE) > 16:
+      _CACHE.clear()
+    _CACHE[key] = build()
+  return _CACHE[key]
+
+
+def _head(cfg: Config, tasks: Sequence[Task]) -> heads_lib.Head:
+  """The run's head; it uses only the tasks' names, categories and labels, the same for every seed."""
+  key = ("head",) + tuple(json.dumps(_json_ready(getattr(cfg, k))) for k in _HEAD_KEYS)
+
+  def build():
+    model, _, tokenizer = load_model(cfg.model)
+    return heads_lib.make_head(cfg.head, model, tokenizer, tasks, cfg.head_config())
+
+  return _cached(key, build)
+
+
+def _train_step(cfg: Config, method: methods_lib.Method, seed: int, head: heads_lib.Head):
+  """``(tx, step)``: the optimizer and the compiled train step of a method."""
+  key = ("step", id(head), json.dumps(_identity(cfg, method.name, seed), sort_keys=True, default=str))
+
+  def build():
+    tx = methods_lib.make_optimizer(method, cfg, seed)
+    forward = methods_lib.make_forward(method, cfg, head.model)
+
+    def loss_fn(p, batch):
+      return head.loss(forward, p, batch, rng=jax.random.wrap_key_data(batch["rng"][0]))
+
+    return tx, migu.make_train_step(loss_fn, tx, micro_batches=cfg.micro_batches, mode="jit")
+
+  return _cached(key, build)
+
+
+def params_digest(params) -> str:
+  """SHA-256 of the parameters' bytes (in tree order): equal digests mean bit-identical parameters."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return h.hexdigest()
+
+
+def run_folder(cfg: Config, method: str, seed: int) -> Path:
+  return Path(cfg.output_dir) / method / f"seed_{seed}"
+
+
+def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequence[Callback] = ()) -> dict:
+  """Trains ``method_name`` on the task sequence with ``seed``, resuming from the run's checkpoints.
+
+  Returns:
+    The run's result (see :func:`migu_jax.cl.report.run_result`), also written to ``result.json`` in
+    ``<output_dir>/<method>/seed_<seed>/``.
+  """
+  method = methods_lib.get_method(method_name)
+  folder = run_folder(cfg, method_name, seed)
+  folder.mkdir(parents=True, exist_ok=True)
+  identity = _identity(cfg, method_name, seed)
+  _write_json(folder / "config.json", identity)
+
+  tasks = load_tasks(cfg, seed)
+  model, model_params, _ = load_model(cfg.model)
+  head = _head(cfg, tasks)
+  key = jax.random.key(seed)
+  head_key, lora_key = jax.random.split(jax.random.fold_in(key, 1))
+  params = methods_lib.init_params(method, cfg, model_params, head.init(head_key), lora_key)
+  tx, step_fn = _train_step(cfg, method, seed, head)
+  params = step_fn.place_state(params)
+  opt_state = step_fn.place_state(methods_lib.start_task(method, cfg, tx, params, 0))
+
+  checkpoints = ckpt_lib.RunCheckpoints(folder / "checkpoints", keep=cfg.keep_checkpoints)
+  meta = {"identity": identity, "task": 0, "step": 0, "initial": None, "rows": [], "train_s": [],
+          "eval_s": [], "initial_eval_s": 0.0, "steps": [], "losses": []}
+  saved_meta = checkpoints.read_meta()
+  if saved_meta is not None:
+    _check_identity(saved_meta["identity"], identity, checkpoints.folder)
+    state, meta = checkpoints.restore({"params": params, "opt_state": opt_state, "key": key})
+    params, opt_state = step_fn.place_state(state["params"]), step_fn.place_state(state["opt_state"])
+
+  def save():
+    number = checkpoints.save({"params": params, "opt_state": opt_state, "key": key}, meta)
+    for cb in callbacks:
+      cb("saved", {"checkpoint": number, "task": meta["task"], "step": meta["step"]})
+
+  if meta["initial"] is None:
+    plain = methods_lib.eval_params(method, cfg, params)
+    initial_mags = Path(cfg.output_dir) / "magnitudes_initial.npz"
+    if cfg.magnitude_batches and not initial_mags.exists():  # the paper's Figure 1: same for every method
+      _save_npz(initial_mags, {f"{j}:{name}": v for j, t in enumerate(tasks) for name, v in capture_magnitudes(
+          head, plain, [(j, r) for r in t.train], cfg, seed, cfg.magnitude_batches).items()})
+    start = time.perf_counter()
+    meta["initial"] = _initial_accuracies(cfg, seed, head, plain, tasks)
+    meta["initial_eval_s"] = time.perf_counter() - start
+    save()
+
+  for t in range(meta["task"], len(tasks)):
+    examples = methods_lib.training_examples(method, cfg, tasks, t, seed)
+    total = methods_lib.steps_per_epoch(len(examples), cfg.batch_size) * cfg.epochs
+    if meta["step"] == 0:
+      opt_state = step_fn.place_state(methods_lib.start_task(method, cfg, tx, params, t))
+      meta["losses"].append([])
+    start = time.perf_counter()
+    desc = f"{method_name} seed {seed} task {t + 1}/{len(tasks)} {tasks[t].name}"
+    with _bar(cfg, total=total, initial=meta["step"], desc=desc, unit="step") as bar:
+      for k in range(meta["step"], total):
+        idx = methods_lib.batch_indices(len(examples), cfg.batch_size, seed, t, k)
+        batch = head.train_batch([examples[i] for i in idx])
+        step_key = jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, t + 2), k))
+        batch["rng"] = np.broadcast_to(np.asarray(step_key), (cfg.batch_size, *step_key.shape))
+        params, opt_state, loss = step_fn(params, opt_state, batch)
+        loss = float(loss)
+        if not np.isfinite(loss):
+          raise FloatingPointError(f"{desc}, step {k}: the loss is {loss}. Lower learning_rate or check the data.")
+        meta["losses"][t].append(loss)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.update(1)
+        for cb in callbacks:
+          cb("step", {"task": t, "step": k, "loss": loss})
+        meta["step"] = k + 1
+        if meta["step"] % cfg.checkpoint_every == 0 and meta["step"] < total:
+          meta["train_s"] = _add_time(meta["train_s"], t, time.perf_counter() - start)
+          start = time.perf_counter()
+          save()
+    meta["train_s"] = _add_time(meta["train_s"], t, time.perf_counter() - start)
+
+    plain = methods_lib.eval_params(method, cfg, params)
+    if cfg.magnitude_batches:
+      _save_npz(folder / f"magnitudes_task_{t}.npz", capture_magnitudes(
+          head, plain, [(t, r) for r in tasks[t].train], cfg, seed, cfg.magnitude_batches))
+    start = time.perf_counter()
+    meta["rows"].append(evaluate(head, plain, tasks, cfg=cfg, desc=f"eval after {tasks[t].name}"))
+    meta["eval_s"].append(time.perf_counter() - start)
+    meta["steps"].append(total)
+    meta["task"], meta["step"] = t + 1, 0
+    save()
+    for cb in callbacks:
+      cb("task_done", {"task": t, "row": meta["rows"][-1]})
+
+  checkpoints.close()
+  meta["params_sha256"] = params_digest(params)
+  result = report_lib.run_result(method_name, seed, tasks, meta, head.eval_mode)
+  _write_json(folder / "result.json", result)
+  return result
+
+
+def _add_time(times: list, task: int, seconds: float) -> list:
+  times = list(times) + [0.0] * (task + 1 - len(times))
+  times[task] += seconds
+  return times
+
+
+def _check_identity(saved: dict, current: dict, where: Path) -> None:
+  changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  if changed:
+    details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:6])
+    raise ValueError(f"{where} holds checkpoints of a run with other settings ({details}). Resume with the "
+                     "same settings, or choose another output_dir (--output).")
+
+
+def _initial_accuracies(cfg: Config, seed: int, head, params, tasks) -> list[float]:
+  """The initial model's accuracies, shared by the runs of one output folder that start from the same model
+  and test sets (every method: LoRA starts with B = 0, and the head's temperature does not change argmax)."""
+  values = {k: v for k, v in _identity(cfg, "", seed).items()
+            if k in ("model", "head", "eval_mode", "data_dir", "order", "max_test", "max_length",
+                     "length_buckets", "eval_batch_size", "max_new_tokens", "seed", "train_per_class")}
+  path = Path(cfg.output_dir) / "initial" / f"{_fingerprint(values)}.json"
+  if path.exists():
+    return json.loads(path.read_text())["accuracies"]
+  row = evaluate(head, params, tasks, cfg=cfg, desc="eval initial model")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  _write_json(path, {"settings": values, "accuracies": row})
+  return row
+
+
+def run_experiment(cfg: Config, *, callbacks: Sequence[Callback] = (), plots: bool = True) -> dict:
+  """Runs every method and seed of ``cfg`` (resuming each), then writes ``results.json``, ``results.md``
+  and the plots to ``cfg.output_dir``. Returns the combined results."""
+  out = Path(cfg.output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  start = time.perf_counter()
+  runs = [run_sequence(cfg, m, s, callbacks=callbacks) for m in cfg.methods for s in cfg.seeds]
+  results = report_lib.experiment_results(cfg.to_dict(), runs, wall_s=time.perf_counter() - start,
+                                          data_dir=str(data_dir(cfg)))
+  report_lib.write_results(out, results)
+  if plots:
+    from migu_jax.cl import plots as plots_lib
+    plots_lib.plot_experiment(out, results)
+  return results
+
+
+__all__ = ["Config", "DataError", "capture_magnitudes", "data_dir", "evaluate", "load_model", "load_tasks",
+           "run_experiment", "run_folder", "run_sequence"]

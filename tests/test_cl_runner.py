@@ -1,0 +1,212 @@
+"""The continual-learning runner on a tiny random BERT and a few records per task of the shared benchmark.
+
+The tiny model folder (random BertModel + a small WordPiece tokenizer trained on the task sentences) is
+built once per session; test_cl_resume.py and test_cli.py import the fixture from here.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).resolve().parents[2] / "shared/data/CL_Benchmark"
+TASKS = "dbpedia,amazon,agnews"
+
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
+
+
+def _tokenizer(texts, kind="bert"):
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>"]
+  tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=250, special_tokens=specials))
+  if kind == "bert":
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+  # Language models: no special tokens around a text; </s> ends an answer.
+  from tokenizers import decoders
+  tok.decoder = decoders.WordPiece()
+  return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
+
+
+def _texts():
+  from migu_jax.cl import data
+  from migu_jax.cl.prompts import INSTRUCTIONS
+
+  texts = ["Task:TC Dataset:dbpedia amazon agnews Option: Answer:"] + list(INSTRUCTIONS.values())
+  for name in TASKS.split(","):
+    task = data.load_task(DATA, name, train_per_class=4, max_test=8)
+    texts += [r.sentence for r in task.train + task.test] + list(task.labels)
+  return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+  """Folders of tiny random models with tokenizers: {"bert": ..., "llama": ..., "t5": ...}."""
+  from migu_jax.models import bert, llama, save_pretrained, t5
+
+  root = tmp_path_factory.mktemp("tiny_models")
+  texts = _texts()
+  out = {}
+  tok = _tokenizer(texts, "bert")
+  cfg = bert.Config.preset("tiny", vocab_size=len(tok), max_position_embeddings=32)
+  save_pretrained(bert.BertModel(cfg), bert.params.init_params(cfg), root / "bert", tokenizer=tok)
+  out["bert"] = str(root / "bert")
+  lm_tok = _tokenizer(texts, "lm")
+  eos = lm_tok.eos_token_id
+  lcfg = llama.Config.preset("tiny", vocab_size=len(lm_tok), num_hidden_layers=1, eos_token_id=eos,
+                             pad_token_id=0, bos_token_id=None)
+  save_pretrained(llama.LlamaForCausalLM(lcfg), llama.params.init_params(lcfg), root / "llama", tokenizer=lm_tok)
+  out["llama"] = str(root / "llama")
+  tcfg = t5.Config.preset("tiny", vocab_size=len(lm_tok), num_layers=1, eos_token_id=eos, pad_token_id=0)
+  save_pretrained(t5.T5ForConditionalGeneration(tcfg), t5.params.init_params(tcfg), root / "t5", tokenizer=lm_tok)
+  out["t5"] = str(root / "t5")
+  return out
+
+
+def tiny_config(model_folder, output_dir, **overrides):
+  from migu_jax.cl import runner
+
+  values = dict(model=model_folder, data_dir=str(DATA), order=TASKS, train_per_class=2, max_test=8,
+                methods=("migu",), seeds=(0,), max_length=32, length_buckets=(32,), batch_size=8,
+                eval_batch_size=16, learning_rate=3e-3, output_dir=str(output_dir), progress=False,
+                checkpoint_every=2, magnitude_batches=1)
+  values.update(overrides)
+  return runner.Config(**values)
+
+
+def test_three_tasks_give_full_matrix_and_metrics(tiny_models, tmp_path):
+  from migu_jax.cl import runner
+
+  cfg = tiny_config(tiny_models["bert"], tmp_path, methods=("seqft", "migu"))
+  results = runner.run_experiment(cfg)
+  assert [r["method"] for r in results["runs"]] == ["seqft", "migu"]
+  for run in results["runs"]:
+    assert run["tasks"] == ["dbpedia", "amazon", "agnews"]
+    assert np.array(run["matrix"]).shape == (3, 3) and len(run["initial"]) == 3
+    assert all(0.0 <= a <= 1.0 for row in run["matrix"] for a in row)
+    assert set(run["metrics"]) >= {"average_accuracy", "backward_transfer", "forward_transfer",
+                                   "average_forgetting"}
+    assert run["metrics"]["average_accuracy"] == pytest.approx(np.mean(run["matrix"][-1]))
+    assert run["test_examples"] == [8, 8, 8] and run["heldout_tasks"] == []
+    assert run["eval_mode"] == "options" and len(run["params_sha256"]) == 64
+  # MIGU trains the first task unmasked: it matches SeqFT after task 1, then departs from it.
+  seqft, migu = results["runs"]
+  assert seqft["initial"] == migu["initial"]
+  assert seqft["final_loss"][0] == pytest.approx(migu["final_loss"][0], rel=1e-5)
+  assert seqft["params_sha256"] != migu["params_sha256"]
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert set(saved["comparison"]) == {"seqft", "migu"} and "versions" in saved
+  assert "| migu |" in (tmp_path / "results.md").read_text()
+  assert (tmp_path / "plots" / "matrix_migu_seed0.png").stat().st_size > 0
+  assert (tmp_path / "plots" / "overlap.png").exists() and (tmp_path / "plots" / "magnitudes_initial.png").exists()
+
+
+@pytest.mark.parametrize("method", ["replay", "lora", "migu_lora", "random", "migu_strict"])
+def test_method_variants_run(tiny_models, tmp_path, method):
+  from migu_jax.cl import runner
+
+  cfg = tiny_config(tiny_models["bert"], tmp_path, methods=(method,), magnitude_batches=0, replay_fraction=0.25)
+  run = runner.run_sequence(cfg, method, 0)
+  assert np.array(run["matrix"]).shape == (3, 3)
+  assert all(np.isfinite(loss) for loss in run["final_loss"])
+  if method == "replay":  # a quarter of each earlier task's 28 / 10 training records mixed in
+    assert run["steps"] == [3, 2, 2]
+
+
+def test_lora_trains_only_the_adapters(tiny_models, tmp_path):
+  import jax
+  from migu_jax.cl import checkpoint, methods, runner
+
+  cfg = tiny_config(tiny_models["bert"], tmp_path, order="dbpedia", methods=("migu_lora",), magnitude_batches=0)
+  runner.run_sequence(cfg, "migu_lora", 0)
+  _, base, _ = runner.load_model(cfg.model)
+  saved = checkpoint.RunCheckpoints(runner.run_folder(cfg, "migu_lora", 0) / "checkpoints")
+  meta = saved.read_meta()
+  assert meta["task"] == 1
+  method = methods.get_method("migu_lora")
+  like = methods.init_params(method, cfg, base, {"log_scale": np.float32(0)}, jax.random.key(0))
+  tx = methods.make_optimizer(method, cfg)
+  state, _ = saved.restore({"params": like, "opt_state": tx.init(like), "key": jax.random.key(0)})
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), state["params"]["model"], base)
+  assert all(jax.tree.leaves(same)), "the frozen model moved"
+  assert any(np.abs(np.asarray(b)).sum() > 0 for b in jax.tree.leaves(state["params"]["lora"]))
+
+
+def test_migu_mask_switch_is_injected_not_recompiled(tiny_models, tmp_path):
+  from migu_jax.cl import methods, runner
+
+  cfg = tiny_config(tiny_models["bert"], tmp_path)
+  method = methods.get_method("migu")
+  tx = methods.make_optimizer(method, cfg)
+  params = {"model": {"Dense_0": {"kernel": np.ones((2, 3), np.float32)}}, "head": {}}
+  first = methods.start_task(method, cfg, tx, params, 0)
+  later = methods.start_task(method, cfg, tx, params, 1)
+  flags = [s.hyperparams["enabled"] for s in (first[0], later[0])]
+  assert [bool(f) for f in flags] == [False, True] and flags[0].shape == ()
+
+
+def test_data_order_is_a_pure_function_of_seed_task_epoch():
+  from migu_jax.cl import methods
+
+  steps = [methods.batch_indices(20, 8, 0, 1, k) for k in range(4)]  # 2 steps per epoch
+  assert np.array_equal(steps[0], methods.batch_indices(20, 8, 0, 1, 0))
+  assert len(set(np.concatenate(steps[:2]).tolist())) == 16  # no repeats within an epoch
+  assert not np.array_equal(steps[0], methods.batch_indices(20, 8, 1, 1, 0))
+  assert not np.array_equal(steps[0], methods.batch_indices(20, 8, 0, 2, 0))
+  assert methods.batch_indices(3, 8, 0, 0, 0).shape == (8,)  # fewer records than a batch: cycled
+
+
+def test_unknown_method_task_and_config_key_are_clear_errors(tiny_models, tmp_path):
+  from migu_jax.cl import runner
+  from migu_jax.cl.data import DataError
+
+  with pytest.raises(ValueError, match="Unknown method 'ewc'.*seqft, migu"):
+    tiny_config(tiny_models["bert"], tmp_path, methods=("ewc",))
+  with pytest.raises(DataError, match="Unknown task 'nosuchtask'"):
+    runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path, order="dbpedia,nosuchtask"), "migu", 0)
+  with pytest.raises(ValueError, match=r"Unknown config key\(s\) \['learning_rat'\]"):
+    runner.Config.from_dict({"learning_rat": 1e-3})
+  with pytest.raises(ValueError, match="micro_batches"):
+    tiny_config(tiny_models["bert"], tmp_path, micro_batches=3)
+
+
+def test_micro_batches_accepted(tiny_models, tmp_path):
+  from migu_jax.cl import runner
+
+  cfg = tiny_config(tiny_models["bert"], tmp_path, order="amazon", micro_batches=2, magnitude_batches=0)
+  assert np.array(runner.run_sequence(cfg, "migu", 0)["matrix"]).shape == (1, 1)
+
+
+@pytest.mark.parametrize("family,eval_mode", [("llama", "options"), ("llama", "generate"),
+                                              ("t5", "options"), ("t5", "generate")])
+def test_language_model_heads(tiny_models, tmp_path, family, eval_mode):
+  from migu_jax.cl import runner
+
+  cfg = tiny_config(tiny_models[family], tmp_path, order="amazon,agnews", eval_mode=eval_mode, max_test=4,
+                    magnitude_batches=0, max_length=64, length_buckets=(64,))
+  run = runner.run_sequence(cfg, "migu", 0)
+  assert run["eval_mode"] == eval_mode
+  assert np.array(run["matrix"]).shape == (2, 2)
+  assert all(np.isfinite(loss) for loss in run["final_loss"])
+
+
+def test_causal_lm_loss_covers_answer_tokens_only(tiny_models):
+  from migu_jax.cl import heads, runner
+  from migu_jax.cl.data import load_task
+
+  model, _, tok = runner.load_model(tiny_models["llama"])
+  task = load_task(DATA, "agnews", train_per_class=1)
+  head = heads.make_head(None, model, tok, [task], heads.HeadConfig(max_length=64, length_buckets=(64,)))
+  record = task.train[0]
+  batch = head.train_batch([(0, record)])
+  answer = [int(i) for i, m in zip(batch["ids"][0], batch["loss_mask"][0]) if m]
+  assert answer == head.answer(record.label) and answer[-1] == tok.eos_token_id
+  assert tok.decode(answer[:-1]).strip() == record.label.lower()  # the tiny tokenizer lower-cases
