@@ -134,3 +134,20 @@ def test_error_unsupported_gguf_tensor_type(tmp_path):
   w.close()
   with pytest.raises(NotImplementedError, match=r"blk\.0\.attn_q\.weight \(I8\)"):
     llama_gguf.from_gguf(path)
+
+
+def test_cached_generation_equals_full_recompute(tmp_path):
+  _tiny_hf(False, seed=2).save_pretrained(tmp_path)
+  model, params, _ = from_pretrained(str(tmp_path))
+  ids = np.array([[0, 0, 5, 17, 33], [3, 4, 5, 6, 7]])
+  mask = (np.arange(5) >= np.array([[2], [0]])).astype(np.int32)
+  kw = dict(max_new_tokens=7, eos_token_id=-1)
+  cached = greedy_generate(model, params, ids, mask, **kw)
+  full = greedy_generate(model, params, ids, mask, use_cache=False, **kw)
+  np.testing.assert_array_equal(np.asarray(cached), np.asarray(full))
+  # Stopping: rows that emitted eos continue with pad.
+  first = int(np.asarray(cached)[0, 2])
+  stopped = np.asarray(greedy_generate(model, params, ids, mask, max_new_tokens=7,
+                                       eos_token_id=first, pad_token_id=99))
+  row = list(stopped[0])
+  assert row[row.index(first) + 1:] == [99] * (6 - row.index(first))

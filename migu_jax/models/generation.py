@@ -1,8 +1,9 @@
 """Greedy decoding for the causal (Llama) and encoder-decoder (T5) models.
 
-One jitted ``lax.fori_loop`` over a fixed-size token buffer; each step runs
-the model over the whole buffer (no KV cache: simple, and fast enough for the
-short generations of evaluation and tests). Finished rows (after
+One jitted ``lax.fori_loop`` over a fixed-size token buffer. Llama decodes
+with a key/value cache (one pass over the prompt, then one token per step);
+other causal models and T5's decoder re-run over the whole buffer at each
+step (simple, and fast enough for short answers). Finished rows (after
 ``eos_token_id``) keep emitting ``pad_token_id``.
 
 Example:
@@ -30,8 +31,15 @@ def _eos_ids(eos_token_id):
   return jnp.asarray(ids, jnp.int32)
 
 
+def _pick(logits, done, eos, pad):
+  nxt = jnp.argmax(logits.astype(jnp.float32), -1).astype(jnp.int32)
+  nxt = jnp.where(done, pad, nxt)
+  return nxt, done | jnp.isin(nxt, eos)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
 def _causal_loop(model, params, input_ids, attention_mask, eos, pad, max_new_tokens):
+  """Any causal LM: re-runs the model over the whole buffer at every step."""
   b, t = input_ids.shape
   tokens = jnp.concatenate([input_ids, jnp.full((b, max_new_tokens), pad, input_ids.dtype)], 1)
   mask = jnp.concatenate([attention_mask, jnp.zeros((b, max_new_tokens), attention_mask.dtype)], 1)
@@ -41,9 +49,7 @@ def _causal_loop(model, params, input_ids, attention_mask, eos, pad, max_new_tok
     # Positions count real tokens only, so left padding is harmless.
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     logits = model.apply({"params": params}, tokens, mask, positions)
-    nxt = jnp.argmax(logits[:, t + i - 1].astype(jnp.float32), -1).astype(tokens.dtype)
-    nxt = jnp.where(done, pad, nxt)
-    done = done | jnp.isin(nxt, eos)
+    nxt, done = _pick(logits[:, t + i - 1], done, eos, pad)
     tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, t + i))
     mask = jax.lax.dynamic_update_slice(mask, jnp.ones((b, 1), mask.dtype), (0, t + i))
     return tokens, mask, done
@@ -53,8 +59,33 @@ def _causal_loop(model, params, input_ids, attention_mask, eos, pad, max_new_tok
   return tokens[:, t:]
 
 
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
+def _cached_loop(model, params, input_ids, attention_mask, eos, pad, max_new_tokens):
+  """Llama: one pass over the prompt fills a key/value cache, then one token per step."""
+  from migu_jax.models.llama.modeling import init_cache
+  b, t = input_ids.shape
+  mask = jnp.concatenate([attention_mask, jnp.zeros((b, max_new_tokens), attention_mask.dtype)], 1)
+  positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+  cache = init_cache(model.config, b, t + max_new_tokens)
+  logits, cache = model.apply({"params": params}, input_ids, mask, positions, cache, 0)
+  nxt, done = _pick(logits[:, -1], jnp.zeros((b,), bool), eos, pad)
+  out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(nxt)
+  next_position = positions[:, -1] + 1
+
+  def step(i, state):
+    out, cache, mask, nxt, done = state
+    mask = jax.lax.dynamic_update_slice(mask, jnp.ones((b, 1), mask.dtype), (0, t + i))
+    logits, cache = model.apply({"params": params}, nxt[:, None].astype(input_ids.dtype), mask,
+                                (next_position + i)[:, None], cache, t + i)
+    nxt, done = _pick(logits[:, 0], done, eos, pad)
+    return out.at[:, i + 1].set(nxt), cache, mask, nxt, done
+
+  out, *_ = jax.lax.fori_loop(0, max_new_tokens - 1, step, (out, cache, mask, nxt, done))
+  return out
+
+
 def greedy_generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: int,
-                    eos_token_id=None, pad_token_id=None):
+                    eos_token_id=None, pad_token_id=None, use_cache: bool = True):
   """Greedy continuation of (left-padded) prompts with a causal LM.
 
   Args:
@@ -65,6 +96,8 @@ def greedy_generate(model, params, input_ids, attention_mask=None, *, max_new_to
     max_new_tokens: number of tokens to generate.
     eos_token_id: id (or ids) that end a row; default ``model.config.eos_token_id``.
     pad_token_id: filler after a row ended; default the config's pad or eos id.
+    use_cache: decode Llama with a key/value cache (other models, or False:
+      re-run the model over the whole sequence at every step).
 
   Returns:
     ``[B, max_new_tokens]`` generated ids.
@@ -76,8 +109,10 @@ def greedy_generate(model, params, input_ids, attention_mask=None, *, max_new_to
   input_ids = jnp.asarray(input_ids, jnp.int32)
   if attention_mask is None:
     attention_mask = jnp.ones_like(input_ids)
-  return _causal_loop(model, params, input_ids, jnp.asarray(attention_mask, jnp.int32),
-                      _eos_ids(eos), jnp.int32(pad), max_new_tokens)
+  from migu_jax.models.llama.modeling import LlamaForCausalLM
+  loop = _cached_loop if isinstance(model, LlamaForCausalLM) and use_cache else _causal_loop
+  return loop(model, params, input_ids, jnp.asarray(attention_mask, jnp.int32),
+              _eos_ids(eos), jnp.int32(pad), max_new_tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))

@@ -150,11 +150,16 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-  """Grouped-query causal self-attention with RoPE."""
+  """Grouped-query causal self-attention with RoPE.
+
+  With ``cache=(k, v)`` (``[B, S, kv_heads, head_dim]`` buffers), this call's
+  keys and values are written at ``cache_index`` and attention runs over the
+  whole buffer; the updated ``(k, v)`` is returned (else ``None``).
+  """
   config: Config
 
   @nn.compact
-  def __call__(self, x, mask, cos, sin):
+  def __call__(self, x, mask, cos, sin, cache=None, cache_index=None):
     cfg = self.config
     hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     dense = lambda n, name: nn.Dense(n, use_bias=cfg.attention_bias, dtype=cfg.dtype, name=name)
@@ -163,13 +168,18 @@ class Attention(nn.Module):
     k = dense(nkv * hd, "k_proj")(x).reshape(b, t, nkv, hd)
     v = dense(nkv * hd, "v_proj")(x).reshape(b, t, nkv, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+      at = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
+      v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
+      cache = (k, v)
     # Query heads in group g share key/value head g (HF's repeat_kv order).
     q = q.reshape(b, t, nkv, nq // nkv, hd)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / jnp.sqrt(hd)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, t, nq * hd)
-    return dense(cfg.hidden_size, "o_proj")(out)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(cfg.dtype)).reshape(b, t, nq * hd)
+    return dense(cfg.hidden_size, "o_proj")(out), cache
 
 
 class MLP(nn.Module):
@@ -190,18 +200,28 @@ class DecoderLayer(nn.Module):
   config: Config
 
   @nn.compact
-  def __call__(self, x, mask, cos, sin):
+  def __call__(self, x, mask, cos, sin, cache=None, cache_index=None):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, name=name)
-    x = x + Attention(cfg, name="attention")(norm("input_norm")(x), mask, cos, sin)
-    return x + MLP(cfg, name="mlp")(norm("post_attention_norm")(x))
+    h, cache = Attention(cfg, name="attention")(norm("input_norm")(x), mask, cos, sin,
+                                                cache, cache_index)
+    x = x + h
+    return x + MLP(cfg, name="mlp")(norm("post_attention_norm")(x)), cache
 
 
-def causal_mask(attention_mask):
-  """``[B, T, T]`` boolean: query q may see key k if k <= q and k is not padding."""
-  t = attention_mask.shape[-1]
-  causal = jnp.tril(jnp.ones((t, t), bool))
+def causal_mask(attention_mask, q_len=None, offset=0):
+  """``[B, q_len, S]`` boolean: query q (at ``offset + q``) sees key k <= it, k not padding."""
+  s = attention_mask.shape[-1]
+  q_len = s if q_len is None else q_len
+  causal = jnp.arange(s)[None, :] <= (offset + jnp.arange(q_len))[:, None]
   return causal[None] & attention_mask.astype(bool)[:, None, :]
+
+
+def init_cache(config: Config, batch: int, max_length: int):
+  """Empty key/value buffers, one ``(k, v)`` pair per layer, in the compute dtype."""
+  shape = (batch, max_length, config.num_key_value_heads, config.head_dim)
+  return tuple((jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype))
+               for _ in range(config.num_hidden_layers))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -209,6 +229,11 @@ class LlamaForCausalLM(nn.Module):
 
   ``position_ids`` default to ``0..T-1`` as in Hugging Face's forward; for
   left-padded batches pass ``cumsum(mask) - 1`` (the generation helper does).
+
+  Incremental decoding: pass ``cache=init_cache(config, B, S)`` and
+  ``cache_index`` (where ``input_ids`` start in the buffer); then
+  ``attention_mask`` is ``[B, S]`` over the whole buffer and the call returns
+  ``(logits, new_cache)``.
   """
   config: Config
 
@@ -221,22 +246,28 @@ class LlamaForCausalLM(nn.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head")
 
-  def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
-    """The final-norm hidden states ``[B, T, hidden_size]``."""
+  def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None,
+                    cache_index=0):
+    """The final-norm hidden states ``[B, T, hidden_size]`` (and the cache, if given)."""
     cfg = self.config
+    t = input_ids.shape[1]
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     if position_ids is None:
-      position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+      position_ids = jnp.broadcast_to(cache_index + jnp.arange(t), input_ids.shape)
     cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta)
-    mask = causal_mask(attention_mask)
+    mask = causal_mask(attention_mask, t, cache_index if cache is not None else 0)
     x = self.embed(input_ids)
-    for layer in self.layers:
-      x = layer(x, mask, cos, sin)
-    return self.norm(x)
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, mask, cos, sin, None if cache is None else cache[i], cache_index)
+      new_cache.append(layer_cache)
+    x = self.norm(x)
+    return x if cache is None else (x, tuple(new_cache))
 
-  def __call__(self, input_ids, attention_mask=None, position_ids=None):
-    x = self.hidden_states(input_ids, attention_mask, position_ids)
-    if self.config.tie_word_embeddings:
-      return self.embed.attend(x)
-    return self.lm_head(x)
+  def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None,
+               cache_index=0):
+    out = self.hidden_states(input_ids, attention_mask, position_ids, cache, cache_index)
+    x, cache = (out, None) if cache is None else out
+    logits = self.embed.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
+    return logits if cache is None else (logits, cache)
