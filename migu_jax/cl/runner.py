@@ -336,7 +336,6 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
   folder = run_folder(cfg, method_name, seed)
   folder.mkdir(parents=True, exist_ok=True)
   identity = _identity(cfg, method_name, seed)
-  _write_json(folder / "config.json", identity)
 
   tasks = load_tasks(cfg, seed)
   model, model_params, _ = load_model(cfg.model)
@@ -356,6 +355,7 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
     _check_identity(saved_meta["identity"], identity, checkpoints.folder)
     state, meta = checkpoints.restore({"params": params, "opt_state": opt_state, "key": key})
     params, opt_state = step_fn.place_state(state["params"]), step_fn.place_state(state["opt_state"])
+  _write_json(folder / "config.json", identity)
 
   def save():
     number = checkpoints.save({"params": params, "opt_state": opt_state, "key": key}, meta)

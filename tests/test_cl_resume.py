@@ -1,0 +1,97 @@
+"""Exact resume: a run killed mid-task or mid-save and started again ends bit-identical to an uninterrupted one."""
+
+import json
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from test_cl_runner import DATA, tiny_config, tiny_models  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
+
+
+class Killed(Exception):
+  """Stands for the process dying: nothing in memory survives the restart."""
+
+
+def _config(models, folder):
+  # dbpedia: 56 records = 7 steps per epoch x 2 epochs; amazon and agnews: 2 x 2 steps; saves every 3 steps.
+  return tiny_config(models["bert"], folder, train_per_class=4, epochs=2, checkpoint_every=3,
+                     magnitude_batches=0)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models, tmp_path_factory):  # noqa: F811
+  from migu_jax.cl import runner
+
+  cfg = _config(tiny_models, tmp_path_factory.mktemp("reference"))
+  return runner.run_sequence(cfg, "migu", 0)
+
+
+def _kill_at(task, step):
+  def callback(event, info):
+    if event == "step" and (info["task"], info["step"]) == (task, step):
+      raise Killed(f"task {task} step {step}")
+  return callback
+
+
+def _same(result, reference):
+  assert result["matrix"] == reference["matrix"]
+  assert result["initial"] == reference["initial"]
+  assert result["params_sha256"] == reference["params_sha256"]
+  assert result["steps"] == reference["steps"] == [14, 4, 4]
+
+
+def test_killed_mid_task_resumes_bit_identical(tiny_models, tmp_path, reference):  # noqa: F811
+  from migu_jax.cl import report, runner
+
+  cfg = _config(tiny_models, tmp_path)
+  folder = runner.run_folder(cfg, "migu", 0)
+  with pytest.raises(Killed):
+    runner.run_sequence(cfg, "migu", 0, callbacks=[_kill_at(0, 10)])  # last save at step 9
+  assert not (folder / "result.json").exists()  # nothing half-run is reported
+  with pytest.raises(FileNotFoundError, match="not a finished experiment folder"):
+    report.load_results(tmp_path)
+  steps = []
+  with pytest.raises(Killed):
+    runner.run_sequence(cfg, "migu", 0, callbacks=[lambda e, i: steps.append((i["task"], i["step"]))
+                                                   if e == "step" else None, _kill_at(2, 1)])
+  assert steps[0] == (0, 9)  # resumed at the checkpointed step: nothing replayed twice, nothing skipped
+  _same(runner.run_sequence(cfg, "migu", 0), reference)
+
+
+def test_killed_mid_save_keeps_last_good_checkpoint(tiny_models, tmp_path, reference, monkeypatch):  # noqa: F811
+  from migu_jax.cl import checkpoint, runner
+
+  cfg = _config(tiny_models, tmp_path)
+  saves = []
+  original = ocp.JsonCheckpointHandler._save_fn  # writes the meta item's file
+
+  async def dying_write(self, *args, **kwargs):
+    saves.append(1)
+    await original(self, *args, **kwargs)  # the meta file is on disk, the checkpoint not finalized
+    if len(saves) == 4:  # initial, steps 3, 6, 9 of task 0 -> dies while saving step 9
+      raise Killed("during save")
+
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", dying_write)
+  with pytest.raises(Killed):
+    runner.run_sequence(cfg, "migu", 0)
+  monkeypatch.undo()
+  saved = checkpoint.RunCheckpoints(runner.run_folder(cfg, "migu", 0) / "checkpoints")
+  meta = saved.read_meta()
+  assert (meta["task"], meta["step"]) == (0, 6)  # the partial save of step 9 is not the latest
+  saved.close()
+  _same(runner.run_sequence(cfg, "migu", 0), reference)
+
+
+def test_resume_with_other_settings_is_refused(tiny_models, tmp_path):  # noqa: F811
+  from migu_jax.cl import runner
+
+  cfg = _config(tiny_models, tmp_path)
+  with pytest.raises(Killed):
+    runner.run_sequence(cfg, "migu", 0, callbacks=[_kill_at(0, 4)])
+  with pytest.raises(ValueError, match="learning_rate: 0.003 -> 0.1"):
+    runner.run_sequence(cfg.replace(learning_rate=0.1), "migu", 0)
+  config = json.loads((runner.run_folder(cfg, "migu", 0) / "config.json").read_text())
+  assert config["method"] == "migu" and np.isclose(config["learning_rate"], 3e-3)
