@@ -10,6 +10,7 @@ whose activations have the largest L1 magnitude on the current batch::
     updates, opt_state = tx.update(grads, opt_state, params, magnitudes=mags)
 """
 
+from migu_jax import lora
 from migu_jax.magnitudes import COLLECTION
 from migu_jax.magnitudes import LINEAR_MODULES
 from migu_jax.magnitudes import apply_with_magnitudes
@@ -43,6 +44,7 @@ __all__ = (
     "keep_mask",
     "kept_count",
     "layer_masks",
+    "lora",
     "magnitude_paths",
     "make_train_step",
     "mask_by_magnitude",
