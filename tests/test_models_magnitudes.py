@@ -45,3 +45,21 @@ def test_every_kernel_has_a_magnitude(name, remat):
     assert len(kernels) == 2 * 7 + 1
   if name == "t5-v1.1":  # enc: 4 attn + 3 mlp, dec: 8 attn + 3 mlp, per layer; + lm_head
     assert len(kernels) == 2 * 7 + 2 * 11 + 1
+
+
+def _main_output(out):
+  return out[0] if isinstance(out, tuple) else out   # BERT with pooler: (hidden, pooled)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama-tied", "t5-v1.1"])
+def test_bfloat16_compute_keeps_float32_params(name):
+  import dataclasses
+  import numpy as np
+  model, params, args = _family(name, False)
+  model16 = type(model)(dataclasses.replace(model.config, dtype=jnp.bfloat16))
+  out32 = np.asarray(_main_output(model.apply({"params": params}, *args)))
+  out16 = _main_output(model16.apply({"params": params}, *args))
+  assert out16.dtype == jnp.bfloat16
+  assert np.abs(np.asarray(out16, np.float32) - out32).max() < 0.05 * (1 + np.abs(out32).max())
+  loss = lambda p: _main_output(model16.apply({"params": p}, *args)).astype(jnp.float32).sum()
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(jax.grad(loss)(params)))

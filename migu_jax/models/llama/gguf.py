@@ -84,6 +84,10 @@ def hf_config(reader) -> dict:
   hidden = int(g("embedding_length"))
   tokens = _field(reader, "tokenizer.ggml.tokens")
   names = {t.name for t in reader.tensors}
+  head_dim = int(g("attention.key_length", hidden // heads))
+  if int(g("rope.dimension_count", head_dim)) != head_dim or "rope_freqs.weight" in names:
+    raise NotImplementedError("GGUF uses partial or scaled RoPE (llama.rope.dimension_count "
+                              "!= head_dim, or rope_freqs); only plain RoPE Llama files load.")
   return {
       "model_type": "llama",
       "vocab_size": int(g("vocab_size") or len(tokens)),
@@ -92,7 +96,7 @@ def hf_config(reader) -> dict:
       "num_hidden_layers": int(g("block_count")),
       "num_attention_heads": heads,
       "num_key_value_heads": int(g("attention.head_count_kv", heads)),
-      "head_dim": int(g("attention.key_length", hidden // heads)),
+      "head_dim": head_dim,
       "max_position_embeddings": int(g("context_length", 2048)),
       "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5)),
       "rope_theta": float(g("rope.freq_base", 10000.0)),
