@@ -20,6 +20,7 @@ pass adds up.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -87,7 +88,35 @@ def _zeros_like(stat):
   return lambda: jnp.zeros(stat.shape, jnp.float32)
 
 
-def apply_with_magnitudes(module: nn.Module, variables, *args, mutable=False, **kwargs):
+def _token_weights(token_mask, path: tuple[str, ...], y: jax.Array):
+  """The 0/1 token mask that applies to the output ``y`` of the layer at ``path``.
+
+  ``token_mask`` is one ``[batch, seq]`` array, or a mapping from a module-path
+  prefix (``"encoder"``, ``"decoder"``) to one; the longest matching prefix wins.
+  Outputs without the mask's leading shape (e.g. a pooled ``[batch, d]``) are
+  not weighted: they have no padded positions.
+  """
+  if token_mask is None:
+    return None
+  if isinstance(token_mask, Mapping):
+    prefixes = [k for k in token_mask if tuple(k.split("/")) == path[: len(k.split("/"))]]
+    if not prefixes:
+      return None
+    token_mask = token_mask[max(prefixes, key=len)]
+  w = jnp.asarray(token_mask)
+  if y.ndim <= w.ndim:
+    return None
+  if y.shape[: w.ndim] != w.shape:
+    raise ValueError(
+        f"apply_with_magnitudes: token_mask of shape {w.shape} does not match the"
+        f" output {y.shape} of the linear layer at {'/'.join(path)}. For an"
+        " encoder-decoder pass one mask per stack, e.g."
+        " token_mask={'encoder': encoder_mask, 'decoder': decoder_mask}."
+    )
+  return w.reshape(w.shape + (1,) * (y.ndim - w.ndim)).astype(y.dtype)
+
+
+def apply_with_magnitudes(module: nn.Module, variables, *args, mutable=False, token_mask=None, **kwargs):
   """Runs ``module.apply`` and returns its outputs with MIGU's output magnitudes.
 
   For every ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Einsum`` call inside
@@ -103,6 +132,10 @@ def apply_with_magnitudes(module: nn.Module, variables, *args, mutable=False, **
     *args: positional arguments of ``module.apply``.
     mutable: other collections to make mutable (as in ``module.apply``). When
       given, the outputs are ``(outputs, mutated_variables)``.
+    token_mask: padding-aware statistics: a 0/1 ``[batch, seq]`` mask (1 for
+      real tokens), or a mapping from a module-path prefix to one (for an
+      encoder-decoder: ``{"encoder": ..., "decoder": ...}``). Padded positions
+      then do not count. None (the reference): every position counts.
     **kwargs: keyword arguments of ``module.apply`` (``rngs``, ``method``, ...).
 
   Returns:
@@ -128,9 +161,11 @@ def apply_with_magnitudes(module: nn.Module, variables, *args, mutable=False, **
     mod = context.module
     if context.method_name != "__call__" or not isinstance(mod, LINEAR_MODULES):
       return y
-    stat = output_statistic(mod, y, call_args, call_kwargs)
+    path = tuple(mod.scope.path)
+    weights = _token_weights(token_mask, path, y)
+    stat = output_statistic(mod, y if weights is None else y * weights, call_args, call_kwargs)
     mod.sow(COLLECTION, "kernel", stat, init_fn=_zeros_like(stat), reduce_fn=jnp.add)
-    captured.add((tuple(mod.scope.path), stat.ndim))
+    captured.add((path, stat.ndim))
     return y
 
   extra = [] if mutable is False else ([mutable] if isinstance(mutable, str) else list(mutable))

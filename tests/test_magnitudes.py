@@ -113,3 +113,32 @@ def test_other_mutable_collections_pass_through():
   (y, state), mags = migu.apply_with_magnitudes(model, variables, X, mutable=["batch_stats"])
   assert "batch_stats" in state and migu.COLLECTION not in state
   assert mags["Dense_0"]["kernel"].shape == (3,)
+
+
+def test_padding_aware_statistics_equal_those_of_the_unpadded_batch():
+  from migu_jax.models import bert
+
+  config = bert.Config.preset("tiny")
+  model = bert.BertModel(config)
+  lengths = [3, 7, 5]
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, config.vocab_size, (3, 7)).astype(np.int32)
+  mask = (np.arange(7)[None] < np.array(lengths)[:, None]).astype(np.int32)
+  params = model.init(jax.random.key(0), ids, mask)["params"]
+  _, padded = migu.apply_with_magnitudes(model, {"params": params}, ids, mask, token_mask=mask)
+  _, counted = migu.apply_with_magnitudes(model, {"params": params}, ids, mask)
+  separate = [
+      migu.apply_with_magnitudes(model, {"params": params}, ids[i : i + 1, :n], mask[i : i + 1, :n])[1]
+      for i, n in enumerate(lengths)
+  ]
+  unpadded = jax.tree.map(lambda *m: sum(m), *separate)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), padded, unpadded)
+  # the reference counts padding: different statistics, so the check can fail
+  assert not np.allclose(counted["layers_0"]["intermediate"]["kernel"], unpadded["layers_0"]["intermediate"]["kernel"], rtol=1e-3)
+
+
+def test_token_mask_for_another_sequence_length_names_the_layer():
+  model = nn.Dense(3)
+  variables = model.init(jax.random.key(0), X)
+  with pytest.raises(ValueError, match="token_mask of shape \\(2, 4\\).*encoder_mask"):
+    migu.apply_with_magnitudes(model, variables, X, token_mask=np.ones((2, 4)))
