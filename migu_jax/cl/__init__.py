@@ -31,3 +31,9 @@ from migu_jax.cl.metrics import forward_transfer as forward_transfer
 from migu_jax.cl.metrics import summarize as summarize
 from migu_jax.cl.prompts import build_prompt as build_prompt
 from migu_jax.cl.prompts import instruction_for as instruction_for
+from migu_jax.cl.heads import HEADS as HEADS
+from migu_jax.cl.methods import METHODS as METHODS
+from migu_jax.cl.runner import Config as Config
+from migu_jax.cl.runner import evaluate_checkpoint as evaluate_checkpoint
+from migu_jax.cl.runner import run_experiment as run_experiment
+from migu_jax.cl.runner import run_sequence as run_sequence

@@ -196,8 +196,8 @@ class EncoderOptionHead(Head):
     index = {label: i for i, label in enumerate(self.labels)}
     self.options = [np.array([index[label] for label in t.labels]) for t in tasks]
     label_rows = [self.with_special(_tokens(tokenizer, s)[:cfg.max_length - self.n_special]) for s in self.labels]
-    length = _bucket(max(map(len, label_rows)), cfg)
-    self.label_ids, self.label_mask = _pad(label_rows, length, self.pad_id)
+    # Label strings are short: their table is padded to its own longest row, not to a prompt bucket.
+    self.label_ids, self.label_mask = _pad(label_rows, max(map(len, label_rows)), self.pad_id)
     self._index = index
     model_ = model
 

@@ -165,7 +165,8 @@ class Config:
 
 
 # Settings a resumed run must share with the checkpoint it resumes (the rest only affect bookkeeping).
-_RUN_ONLY = ("output_dir", "progress", "methods", "seeds", "checkpoint_every", "keep_checkpoints")
+_RUN_ONLY = ("output_dir", "progress", "methods", "seeds", "checkpoint_every", "keep_checkpoints",
+             "magnitude_batches")
 
 
 def _json_ready(value):
@@ -413,6 +414,10 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
     meta["steps"].append(total)
     meta["task"], meta["step"] = t + 1, 0
     save()
+    if cfg.progress:
+      from tqdm.auto import tqdm
+      tqdm.write(f"{method_name} seed {seed} after {tasks[t].name}: " + ", ".join(
+          f"{task.name} {100 * a:.1f}" for task, a in zip(tasks, meta["rows"][-1])))
     for cb in callbacks:
       cb("task_done", {"task": t, "row": meta["rows"][-1]})
 
@@ -452,6 +457,52 @@ def _initial_accuracies(cfg: Config, seed: int, head, params, tasks) -> list[flo
   return row
 
 
+def evaluate_checkpoint(run_dir: str | os.PathLike, *, order=None, max_test: int | None = None,
+                        data_dir: str | None = None, eval_mode: str | None = None, progress: bool = True) -> dict:
+  """Evaluates the newest checkpoint of a run folder (``<output>/<method>/seed_<s>``) on tasks.
+
+  Args:
+    run_dir: the run folder (with ``config.json`` and ``checkpoints/``).
+    order: tasks to evaluate on (default: the run's own order).
+    max_test, data_dir, eval_mode: override the run's settings.
+
+  Returns:
+    ``{"run_dir", "method", "seed", "checkpoint": {"task", "step"}, "tasks", "accuracies", "eval_mode"}``.
+  """
+  run_dir = Path(run_dir)
+  if not (run_dir / "config.json").is_file():
+    raise FileNotFoundError(f"{run_dir} has no config.json: pass a run folder such as <output>/migu/seed_0.")
+  identity = json.loads((run_dir / "config.json").read_text())
+  method_name, seed = identity.pop("method"), identity.pop("seed")
+  cfg = Config.from_dict({**identity, "methods": (method_name,), "seeds": (seed,), "progress": progress,
+                          "output_dir": str(run_dir.parent.parent)})
+  method = methods_lib.get_method(method_name)
+  _, model_params, _ = load_model(cfg.model)
+  train_tasks = load_tasks(cfg, seed)
+  train_head = _head(cfg, train_tasks)
+  key = jax.random.key(seed)
+  head_key, lora_key = jax.random.split(jax.random.fold_in(key, 1))
+  like = methods_lib.init_params(method, cfg, model_params, train_head.init(head_key), lora_key)
+  tx = methods_lib.make_optimizer(method, cfg, seed)
+  checkpoints = ckpt_lib.RunCheckpoints(run_dir / "checkpoints")
+  restored = checkpoints.restore({"params": like, "opt_state": tx.init(like), "key": key})
+  checkpoints.close()
+  if restored is None:
+    raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no complete checkpoint yet.")
+  state, meta = restored
+  changes = {k: v for k, v in (("order", order), ("max_test", max_test), ("data_dir", data_dir),
+                               ("eval_mode", eval_mode)) if v is not None}
+  eval_cfg = cfg.replace(**changes)
+  tasks = load_tasks(eval_cfg, seed)
+  head = _head(eval_cfg, tasks)
+  params = methods_lib.eval_params(method, cfg, state["params"])
+  row = evaluate(head, params, tasks, cfg=eval_cfg, desc=f"eval {method_name} seed {seed}")
+  return {"run_dir": str(run_dir), "method": method_name, "seed": seed,
+          "checkpoint": {"task": meta["task"], "step": meta["step"]}, "tasks": [t.name for t in tasks],
+          "accuracies": row, "eval_mode": head.eval_mode,
+          "heldout_tasks": [t.name for t in tasks if t.test_is_heldout]}
+
+
 def run_experiment(cfg: Config, *, callbacks: Sequence[Callback] = (), plots: bool = True) -> dict:
   """Runs every method and seed of ``cfg`` (resuming each), then writes ``results.json``, ``results.md``
   and the plots to ``cfg.output_dir``. Returns the combined results."""
@@ -468,5 +519,6 @@ def run_experiment(cfg: Config, *, callbacks: Sequence[Callback] = (), plots: bo
   return results
 
 
-__all__ = ["Config", "DataError", "capture_magnitudes", "data_dir", "evaluate", "load_model", "load_tasks",
+__all__ = ["Config", "DataError", "capture_magnitudes", "data_dir", "evaluate", "evaluate_checkpoint", "load_model",
+           "load_tasks", "params_digest",
            "run_experiment", "run_folder", "run_sequence"]

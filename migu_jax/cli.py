@@ -1,0 +1,203 @@
+"""The ``migu-jax`` command: run continual-learning experiments, evaluate checkpoints, report results.
+
+Examples::
+
+    migu-jax run --config experiments/configs/order1_minilm.py          # the CPU main job
+    migu-jax run --config experiments/configs/order1_minilm.py --methods seqft,migu,replay --seeds 0,1
+    migu-jax run --model minilm --order dbpedia,agnews --methods migu --ratio 0.8 --output runs/try
+    migu-jax eval runs/order1_minilm/migu/seed_0 --tasks yelp,sst-2 --max-test 100
+    migu-jax report runs/order1_minilm runs/order2_minilm
+
+A run started again with the same command resumes from its last checkpoint (an interrupted run reports
+nothing until it is complete). Flags override the values of ``--config``; ``--set key=value`` sets any
+other field of :class:`migu_jax.cl.runner.Config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+# flag -> Config field (flags whose value is used as given, or parsed as a comma list / number).
+_FLAGS = {
+    "model": "model", "head": "head", "eval_mode": "eval_mode", "data_dir": "data_dir", "order": "order",
+    "methods": "methods", "seeds": "seeds", "ratio": "ratio", "lr": "learning_rate",
+    "batch_size": "batch_size", "micro_batches": "micro_batches", "train_per_class": "train_per_class",
+    "max_test": "max_test", "epochs": "epochs", "max_length": "max_length", "output": "output_dir",
+    "checkpoint_every": "checkpoint_every",
+}
+
+
+def load_config_file(path: str) -> dict:
+  """``get_config()`` of a Python config file, as a dict."""
+  file = Path(path)
+  if not file.is_file():
+    raise SystemExit(f"migu-jax: config file {path!r} does not exist (e.g. experiments/configs/order1_minilm.py).")
+  spec = importlib.util.spec_from_file_location(f"migu_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise SystemExit(f"migu-jax: {path} has no get_config() function returning the settings.")
+  config = module.get_config()
+  return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def build_config(args):
+  """The run's :class:`~migu_jax.cl.runner.Config`: config file, then flags, then ``--set``."""
+  from migu_jax.cl.runner import Config
+
+  values = load_config_file(args.config) if args.config else {}
+  for flag, field in _FLAGS.items():
+    value = getattr(args, flag, None)
+    if value is not None:
+      values[field] = value
+  if args.tasks is not None:
+    values["order"] = args.tasks
+  for item in args.set or ():
+    if "=" not in item:
+      raise SystemExit(f"migu-jax: --set {item!r} must look like key=value (e.g. --set lora_rank=16).")
+    key, value = item.split("=", 1)
+    values[key.strip()] = _parse_value(value)
+  if args.no_progress:
+    values["progress"] = False
+  return Config.from_dict(values)
+
+
+def cmd_run(args) -> int:
+  from migu_jax.cl import report, runner
+
+  cfg = build_config(args)
+  start = time.perf_counter()
+  results = runner.run_experiment(cfg, plots=not args.no_plots)
+  print(f"\nResults in {cfg.output_dir} (results.json, results.md, plots/); wall time "
+        f"{time.perf_counter() - start:.0f} s.\n")
+  print(report.comparison_table(results["comparison"]))
+  for method, row in results["comparison"].items():
+    bwt = row["backward_transfer"]
+    print(f"{method}: AA {100 * row['average_accuracy']:.1f}  BWT " + ("-" if bwt is None else f"{100 * bwt:.1f}"))
+  return 0
+
+
+def _run_dirs(folder: Path) -> list[Path]:
+  if (folder / "config.json").is_file():
+    return [folder]
+  found = sorted(p.parent for p in folder.glob("*/seed_*/config.json"))
+  if not found:
+    raise SystemExit(f"migu-jax eval: {folder} is neither a run folder (<output>/<method>/seed_<s>, with "
+                     "config.json) nor an experiment folder holding such run folders.")
+  return found
+
+
+def cmd_eval(args) -> int:
+  from migu_jax.cl import runner
+
+  rows = []
+  for run_dir in _run_dirs(Path(args.folder)):
+    result = runner.evaluate_checkpoint(run_dir, order=args.tasks, max_test=args.max_test,
+                                        data_dir=args.data_dir, eval_mode=args.eval_mode,
+                                        progress=not args.no_progress)
+    rows.append(result)
+    out = run_dir / "eval.json"
+    out.write_text(json.dumps(result, indent=2))
+  tasks = rows[0]["tasks"]
+  print("| run | checkpoint | " + " | ".join(tasks) + " | mean |")
+  print("|---|---|" + "---:|" * (len(tasks) + 1))
+  for r in rows:
+    accs = r["accuracies"]
+    print(f"| {r['method']} seed {r['seed']} | task {r['checkpoint']['task']} step {r['checkpoint']['step']} | "
+          + " | ".join(f"{100 * a:.1f}" for a in accs) + f" | {100 * sum(accs) / len(accs):.1f} |")
+  print(f"\n(eval mode: {rows[0]['eval_mode']}; written to eval.json in each run folder)")
+  return 0
+
+
+def cmd_report(args) -> int:
+  from migu_jax.cl import plots, report
+
+  texts = []
+  for folder in args.folders:
+    results = report.load_results(folder)
+    out = Path(args.out) / Path(folder).name if args.out else None
+    written = plots.plot_experiment(folder, results, out=out)
+    if args.out:
+      out.mkdir(parents=True, exist_ok=True)
+      (out / "results.md").write_text(report.markdown(results))
+    texts.append(f"## {folder}\n\n" + report.comparison_table(results["comparison"]) + "\n\n"
+                 + "\n".join(f"- {p}" for p in written))
+  text = "\n\n".join(texts)
+  print(text)
+  if args.out:
+    Path(args.out, "report.md").write_text(text + "\n")
+  return 0
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="migu-jax", description=__doc__.split("\n")[0])
+  sub = p.add_subparsers(dest="command", required=True)
+
+  run = sub.add_parser("run", help="train methods on a task sequence, evaluate after every task, report")
+  run.add_argument("--config", help="a Python file whose get_config() returns the settings")
+  run.add_argument("--model", help="preset (minilm, smollm2-135m), local Hugging Face folder, or hub id")
+  run.add_argument("--head", help="encoder, causal_lm or seq2seq (default: by model family)")
+  run.add_argument("--eval-mode", help="language models: options (log-likelihood) or generate (exact match)")
+  run.add_argument("--data-dir", help="benchmark folder (default: $MIGU_DATA_DIR, else ../shared/data/CL_Benchmark)")
+  order = run.add_mutually_exclusive_group()
+  order.add_argument("--order", help="built-in order 1-6 or comma-separated tasks")
+  order.add_argument("--tasks", help="comma-separated task list (same as --order with names)")
+  run.add_argument("--methods", help="comma-separated, run side by side: seqft,migu,migu_strict,random,replay,"
+                                     "migu_replay,lora,migu_lora")
+  run.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+  run.add_argument("--ratio", "-T", type=float, help="MIGU's T: fraction of output features frozen per layer")
+  run.add_argument("--lr", type=float, help="learning rate (AdamW, constant)")
+  run.add_argument("--batch-size", type=int)
+  run.add_argument("--micro-batches", type=int, help="gradient accumulation steps per batch")
+  run.add_argument("--train-per-class", type=int, help="training records per label")
+  run.add_argument("--max-test", type=int, help="test records per task (stratified)")
+  run.add_argument("--epochs", type=int)
+  run.add_argument("--max-length", type=int)
+  run.add_argument("--checkpoint-every", type=int, help="save every N steps (and after every task)")
+  run.add_argument("--output", help="output folder")
+  run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other Config field")
+  run.add_argument("--no-progress", action="store_true", help="no progress bars")
+  run.add_argument("--no-plots", action="store_true")
+  run.set_defaults(func=cmd_run)
+
+  ev = sub.add_parser("eval", help="evaluate the newest checkpoint of run folders on tasks")
+  ev.add_argument("folder", help="a run folder (<output>/<method>/seed_<s>) or an experiment folder")
+  ev.add_argument("--tasks", help="comma-separated tasks or an order (default: the run's)")
+  ev.add_argument("--max-test", type=int)
+  ev.add_argument("--data-dir")
+  ev.add_argument("--eval-mode")
+  ev.add_argument("--no-progress", action="store_true")
+  ev.set_defaults(func=cmd_eval)
+
+  rep = sub.add_parser("report", help="tables and plots from finished experiment folders")
+  rep.add_argument("folders", nargs="+")
+  rep.add_argument("--out", help="write plots and report.md here (default: plots/ inside each folder)")
+  rep.set_defaults(func=cmd_report)
+  return p
+
+
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
+  from migu_jax.cl.data import DataError
+  try:
+    return args.func(args)
+  except (DataError, ValueError, FileNotFoundError) as e:
+    print(f"migu-jax {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
