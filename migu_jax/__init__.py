@@ -10,18 +10,21 @@ whose activations have the largest L1 magnitude on the current batch::
     updates, opt_state = tx.update(grads, opt_state, params, magnitudes=mags)
 """
 
+from migu_jax import importance
 from migu_jax import lora
 from migu_jax.magnitudes import COLLECTION
 from migu_jax.magnitudes import LINEAR_MODULES
 from migu_jax.magnitudes import apply_with_magnitudes
 from migu_jax.magnitudes import magnitude_paths
-from migu_jax.masking import RandomMaskState
+from migu_jax.masking import THRESHOLDS
+from migu_jax.masking import MaskState
 from migu_jax.masking import StrictMaskState
 from migu_jax.masking import apply_masks
 from migu_jax.masking import is_kernel
 from migu_jax.masking import keep_mask
 from migu_jax.masking import kept_count
 from migu_jax.masking import layer_masks
+from migu_jax.masking import mask_by_importance
 from migu_jax.masking import mask_by_magnitude
 from migu_jax.masking import random_mask
 from migu_jax.masking import strict_mask_by_magnitude
@@ -34,8 +37,9 @@ __version__ = "0.1.0"
 __all__ = (
     "COLLECTION",
     "LINEAR_MODULES",
-    "RandomMaskState",
+    "MaskState",
     "StrictMaskState",
+    "THRESHOLDS",
     "TrainStep",
     "accumulate_gradients",
     "apply_masks",
@@ -44,9 +48,11 @@ __all__ = (
     "keep_mask",
     "kept_count",
     "layer_masks",
+    "importance",
     "lora",
     "magnitude_paths",
     "make_train_step",
+    "mask_by_importance",
     "mask_by_magnitude",
     "random_mask",
     "strict_mask_by_magnitude",

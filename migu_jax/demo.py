@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     batch = {"ids": enc["input_ids"], "mask": enc["attention_mask"],
              "label": np.array([label_index[r.label] for r in chunk], np.int32)}
     _, mags = forward(params, batch)
-    masks = migu.layer_masks(params, mags, lambda path, m: m, args.ratio)
+    masks = migu.layer_masks(params, mags, args.ratio)
     kept = np.mean([float(jnp.mean(keep)) for keep in masks.values()])
     params, opt_state, loss = step(params, opt_state, batch)
     print(f"step {i + 1:2d}  loss {float(loss):.4f}  kept output features: {kept:.1%} "

@@ -6,6 +6,10 @@ whose magnitude ``n_i`` (see ``migu_jax.magnitudes``) reaches the layer's
 
     keep_i = n_i >= quantile(n, T)          (linear interpolation, as torch.quantile)
 
+The ranking (``migu_jax.importance``) and the rule that turns it into a mask
+(:data:`THRESHOLDS`) are pluggable: :func:`mask_by_importance` takes any pair,
+:func:`mask_by_magnitude` is MIGU's.
+
 ``T`` (``ratio``) is the fraction frozen: ``T=0.7`` keeps about 30% of the
 output features of every layer. A Flax kernel is ``[in, out]``: an output
 feature is a slice of the kernel's output axes, so the mask broadcasts over the
@@ -19,12 +23,12 @@ import functools
 import math
 from typing import Any, Callable, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
+
+from migu_jax import importance as importance_lib
 
 Where = Callable[[tuple[str, ...], jax.Array], bool]
 
@@ -67,6 +71,8 @@ def _flatten(tree) -> dict[tuple[str, ...], Any]:
   return {_path_names(path): leaf for path, leaf in leaves}
 
 
+
+
 def kept_count(n: int, ratio) -> jax.Array | int:
   """The paper's count of kept features: ``n - floor(T * n)``."""
   if _is_traced(ratio):
@@ -75,15 +81,52 @@ def kept_count(n: int, ratio) -> jax.Array | int:
   return n - math.floor(float(ratio) * n)
 
 
-def keep_mask(scores: jax.Array, ratio, *, exact_count: bool = False) -> jax.Array:
+def quantile_rule(scores: jax.Array, ratio) -> jax.Array:
+  """The reference: keep ``s_i >= quantile(s, T)`` (ties at the threshold all kept)."""
+  return scores >= jnp.quantile(scores, ratio)
+
+
+def _descending_ranks(scores: jax.Array) -> jax.Array:
+  order = jnp.argsort(-scores, stable=True)
+  return jnp.zeros_like(order).at[order].set(jnp.arange(scores.size, dtype=order.dtype))
+
+
+def top_k_rule(scores: jax.Array, ratio) -> jax.Array:
+  """The paper's count: keep exactly ``n - floor(T n)`` largest (ties by position)."""
+  return _descending_ranks(scores) < kept_count(scores.size, ratio)
+
+
+def l1_mass_rule(scores: jax.Array, ratio) -> jax.Array:
+  """Adaptive: keep the fewest largest features that hold ``1 - T`` of the L1 mass.
+
+  With ``s`` sorted descending, keep feature ``k`` iff ``sum_{j<k} s_j <
+  (1 - T) sum_j s_j``. A flat layer keeps about ``1 - T`` of its features, like
+  the quantile; a layer whose mass sits in few features keeps only those.
+  Scores must be non-negative.
+  """
+  sorted_desc = -jnp.sort(-scores)
+  mass_before = jnp.cumsum(sorted_desc) - sorted_desc
+  keep_sorted = mass_before < (1 - ratio) * jnp.sum(scores)
+  return keep_sorted[_descending_ranks(scores)]
+
+
+THRESHOLDS: dict[str, Callable[[jax.Array, Any], jax.Array]] = {
+    "quantile": quantile_rule,
+    "top_k": top_k_rule,
+    "l1_mass": l1_mass_rule,
+}
+"""Threshold rules by name: ``rule(scores, ratio) -> keep`` on one layer's flat scores."""
+
+
+def keep_mask(scores: jax.Array, ratio, *, threshold: str | Callable = "quantile") -> jax.Array:
   """Which output features of one layer keep their gradient.
 
   Args:
     scores: importance per output feature (any shape; ranked jointly).
     ratio: ``T``, the fraction frozen, in ``[0, 1)``.
-    exact_count: if False (the reference), keep ``scores >= quantile(scores, T)``
-      (ties at the threshold are all kept). If True, keep exactly
-      ``n - floor(T n)`` features, the largest, ties broken by position.
+    threshold: a rule of :data:`THRESHOLDS` (``"quantile"``, the reference;
+      ``"top_k"``, exactly ``n - floor(T n)`` kept; ``"l1_mass"``) or a callable
+      ``rule(flat_scores, ratio) -> flat_keep``.
 
   Returns:
     A boolean array shaped like ``scores``.
@@ -93,15 +136,11 @@ def keep_mask(scores: jax.Array, ratio, *, exact_count: bool = False) -> jax.Arr
     >>> from migu_jax import keep_mask
     >>> keep_mask(jnp.array([4., 1., 3., 2.]), 0.5).tolist()
     [True, False, True, False]
+    >>> keep_mask(jnp.array([7., 1., 1., 1.]), 0.5, threshold="l1_mass").tolist()
+    [True, False, False, False]
   """
-  flat = scores.reshape(-1).astype(jnp.float32)
-  if exact_count:
-    order = jnp.argsort(-flat, stable=True)
-    ranks = jnp.zeros_like(order).at[order].set(jnp.arange(flat.size, dtype=order.dtype))
-    keep = ranks < kept_count(flat.size, ratio)
-  else:
-    keep = flat >= jnp.quantile(flat, ratio)
-  return keep.reshape(scores.shape)
+  rule = THRESHOLDS[threshold] if isinstance(threshold, str) else threshold
+  return rule(scores.reshape(-1).astype(jnp.float32), ratio).reshape(scores.shape)
 
 
 def _raise_not_finite(names: tuple[str, ...], finite) -> None:
@@ -114,12 +153,12 @@ def _raise_not_finite(names: tuple[str, ...], finite) -> None:
     )
 
 
-def _check_finite(named_magnitudes: dict[str, jax.Array]) -> None:
+def _check_finite(named_scores: dict[str, jax.Array]) -> None:
   """One check for all layers: under jit a single host callback, on failure only."""
-  if not named_magnitudes:
+  if not named_scores:
     return
-  names = tuple(named_magnitudes)
-  finite = jnp.stack([jnp.all(jnp.isfinite(m)) for m in named_magnitudes.values()])
+  names = tuple(named_scores)
+  finite = jnp.stack([jnp.all(jnp.isfinite(m)) for m in named_scores.values()])
   if _is_traced(finite):
     jax.lax.cond(
         jnp.all(finite),
@@ -144,41 +183,41 @@ def _check_shape(where: str, m: jax.Array, kernel_shape: tuple[int, ...]) -> Non
 
 def layer_masks(
     updates,
-    magnitudes,
-    score_fn: Callable[[tuple[str, ...], jax.Array], jax.Array],
+    scores,
     ratio,
     *,
-    exact_count: bool = False,
+    threshold: str | Callable = "quantile",
     where: Where | None = None,
 ) -> dict[tuple[str, ...], jax.Array]:
-  """The keep-mask of every selected kernel, keyed by parameter path.
+  """The keep-mask of every kernel selected by ``where``, keyed by parameter path.
 
-  ``score_fn(path, magnitude)`` gives the scores ranked for one layer; each mask
-  is shaped like the layer's magnitudes, which broadcast against its kernel.
+  Args:
+    updates: the gradient (or any tree shaped like the parameters).
+    scores: per-output-feature scores, a tree like the magnitudes: the leaf at
+      a kernel's path broadcasts against the kernel.
+    ratio, threshold: as in :func:`keep_mask`.
+    where: ``where(path, leaf) -> bool``; default: leaves named ``kernel``.
+
+  Returns:
+    ``{path: keep}``, each ``keep`` shaped like the layer's scores.
   """
-  if magnitudes is None:
-    raise TypeError(
-        "mask_by_magnitude: update() needs the keyword argument magnitudes=..., the"
-        " statistics from migu.apply_with_magnitudes (the loss function's aux"
-        " output): tx.update(grads, opt_state, params, magnitudes=mags)."
-    )
   where = where or is_kernel
-  flat_mags = _flatten(magnitudes)
+  flat_scores = _flatten(scores)
   masks, checked = {}, {}
   for path, update in _flatten(updates).items():
     if update is None or not where(path, update):
       continue
     name = "/".join(path)
-    if path not in flat_mags:
+    if path not in flat_scores:
       raise KeyError(
           f"mask_by_magnitude: no magnitudes for the kernel {name}. Compute the"
           " loss with migu.apply_with_magnitudes over the whole model, or leave"
           " this parameter out of the mask with where=..."
       )
-    m = jnp.asarray(flat_mags[path])
-    _check_shape(name, m, update.shape)
-    checked[name] = m
-    masks[path] = keep_mask(score_fn(path, m), ratio, exact_count=exact_count)
+    s = jnp.asarray(flat_scores[path])
+    _check_shape(name, s, update.shape)
+    checked[name] = s
+    masks[path] = keep_mask(s, ratio, threshold=threshold)
   _check_finite(checked)
   return masks
 
@@ -196,9 +235,82 @@ def apply_masks(updates, masks: dict[tuple[str, ...], jax.Array], enabled=True):
   return jax.tree_util.tree_map_with_path(mask_leaf, updates)
 
 
-def _magnitude_score(path, m):
-  del path
-  return m
+class MaskState(NamedTuple):
+  """State of a mask transformation: its importance source's state."""
+
+  importance: optax.OptState
+
+
+class StrictMaskState(NamedTuple):
+  """State of a strict mask: the importance state and the wrapped optimizer's."""
+
+  importance: optax.OptState
+  inner_state: optax.OptState
+
+
+def mask_by_importance(
+    ratio: float | jax.Array,
+    importance: importance_lib.Importance,
+    *,
+    threshold: str | Callable = "quantile",
+    enabled: bool | jax.Array = True,
+    axis_name: str | None = None,
+    where: Where | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Zero the gradient of each kernel's least important output features.
+
+  The general form of MIGU: per kernel selected by ``where``, rank its output
+  features by ``importance`` (:mod:`migu_jax.importance`) and keep those that
+  pass ``threshold`` (:data:`THRESHOLDS`) at ``ratio``.
+
+  Args:
+    ratio: ``T`` in ``[0, 1)``, the fraction of output features frozen per layer.
+    importance: an :class:`migu_jax.importance.Importance`.
+    threshold: a name in :data:`THRESHOLDS` or ``rule(flat_scores, ratio)``.
+    enabled: switch; ``False`` passes gradients unchanged.
+    axis_name: average the ``magnitudes`` over this ``pmap`` axis first.
+    where: ``where(path, leaf) -> bool`` selects the masked parameters.
+    optimizer: if given, the transformation wraps it and masks its final
+      update too (the strict mode, see :func:`strict_mask_by_magnitude`).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, migu_jax as migu
+    >>> grads = {"kernel": jnp.array([[1., -4., 2., 0.], [1., 4., 2., 0.]])}
+    >>> tx = migu.mask_by_importance(0.5, migu.importance.gradient_magnitude())
+    >>> updates, _ = tx.update(grads, tx.init(grads))
+    >>> updates["kernel"].tolist()
+    [[0.0, -4.0, 2.0, 0.0], [0.0, 4.0, 2.0, 0.0]]
+  """
+  _check_ratio(ratio)
+  if optimizer is not None:
+    optimizer = optax.with_extra_args_support(optimizer)
+
+  def init_fn(params):
+    if optimizer is None:
+      return MaskState(importance.init(params))
+    return StrictMaskState(importance.init(params), optimizer.init(params))
+
+  def update_fn(updates, state, params=None, *, magnitudes=None, **extra_args):
+    if axis_name is not None and magnitudes is not None:
+      magnitudes = jax.lax.pmean(magnitudes, axis_name)
+    scores, importance_state = importance.scores(updates, state.importance, params, magnitudes)
+    masks = layer_masks(updates, scores, ratio, threshold=threshold, where=where)
+    updates = apply_masks(updates, masks, enabled)
+    if optimizer is None:
+      return updates, MaskState(importance_state)
+    updates, inner = optimizer.update(
+        updates, state.inner_state, params, magnitudes=magnitudes, **extra_args
+    )
+    return apply_masks(updates, masks, enabled), StrictMaskState(importance_state, inner)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _threshold(exact_count: bool, threshold: str | Callable | None):
+  if exact_count and threshold not in (None, "top_k"):
+    raise ValueError(f"mask_by_magnitude: exact_count=True is threshold='top_k', not {threshold!r}.")
+  return "top_k" if exact_count else (threshold or "quantile")
 
 
 def mask_by_magnitude(
@@ -206,6 +318,7 @@ def mask_by_magnitude(
     *,
     enabled: bool | jax.Array = True,
     exact_count: bool = False,
+    threshold: str | Callable | None = None,
     axis_name: str | None = None,
     where: Where | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -234,7 +347,9 @@ def mask_by_magnitude(
       there give ``enabled=jnp.asarray(True)`` (optax keeps a Python bool
       static).
     exact_count: keep exactly ``d_out - floor(T d_out)`` features (the paper's
-      count, via ranks) instead of the quantile threshold.
+      count, via ranks) instead of the quantile threshold; the same as
+      ``threshold="top_k"``.
+    threshold: another rule of :data:`THRESHOLDS` (default: the quantile).
     axis_name: if set, average the magnitudes over this ``pmap`` axis first
       (``lax.pmean``), so that every replica applies the same mask.
     where: ``where(path, leaf) -> bool`` selects the parameters to mask;
@@ -266,28 +381,10 @@ def mask_by_magnitude(
     Du et al., "Unlocking Continual Learning Abilities in Language Models",
     Findings of EMNLP 2024 (arXiv:2406.17245).
   """
-  _check_ratio(ratio)
-
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None, *, magnitudes=None, **extra_args):
-    del params, extra_args
-    if axis_name is not None and magnitudes is not None:
-      magnitudes = jax.lax.pmean(magnitudes, axis_name)
-    masks = layer_masks(
-        updates, magnitudes, _magnitude_score, ratio, exact_count=exact_count, where=where
-    )
-    return apply_masks(updates, masks, enabled), state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-class StrictMaskState(NamedTuple):
-  """State of :func:`strict_mask_by_magnitude`: the wrapped optimizer's state."""
-
-  inner_state: optax.OptState
+  return mask_by_importance(
+      ratio, importance_lib.output_magnitude(), threshold=_threshold(exact_count, threshold),
+      enabled=enabled, axis_name=axis_name, where=where,
+  )
 
 
 def strict_mask_by_magnitude(
@@ -296,6 +393,7 @@ def strict_mask_by_magnitude(
     *,
     enabled: bool | jax.Array = True,
     exact_count: bool = False,
+    threshold: str | Callable | None = None,
     axis_name: str | None = None,
     where: Where | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -309,37 +407,17 @@ def strict_mask_by_magnitude(
     ratio: ``T`` in ``[0, 1)``.
     optimizer: the wrapped optimizer, e.g. ``optax.adamw(1e-4)`` (or a chain
       with clipping).
-    enabled, exact_count, axis_name, where: as in :func:`mask_by_magnitude`.
+    enabled, exact_count, threshold, axis_name, where: as in
+      :func:`mask_by_magnitude`.
 
   Example:
     >>> import optax, migu_jax as migu
     >>> tx = migu.strict_mask_by_magnitude(0.7, optax.adamw(1e-3))
   """
-  _check_ratio(ratio)
-  optimizer = optax.with_extra_args_support(optimizer)
-
-  def init_fn(params):
-    return StrictMaskState(optimizer.init(params))
-
-  def update_fn(updates, state, params=None, *, magnitudes=None, **extra_args):
-    if axis_name is not None and magnitudes is not None:
-      magnitudes = jax.lax.pmean(magnitudes, axis_name)
-    masks = layer_masks(
-        updates, magnitudes, _magnitude_score, ratio, exact_count=exact_count, where=where
-    )
-    updates = apply_masks(updates, masks, enabled)
-    updates, inner = optimizer.update(
-        updates, state.inner_state, params, magnitudes=magnitudes, **extra_args
-    )
-    return apply_masks(updates, masks, enabled), StrictMaskState(inner)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-class RandomMaskState(NamedTuple):
-  """State of :func:`random_mask`: the PRNG key of the next step's mask."""
-
-  key: chex.PRNGKey
+  return mask_by_importance(
+      ratio, importance_lib.output_magnitude(), threshold=_threshold(exact_count, threshold),
+      enabled=enabled, axis_name=axis_name, where=where, optimizer=optimizer,
+  )
 
 
 def random_mask(
@@ -365,30 +443,6 @@ def random_mask(
     >>> int((updates["kernel"] != 0).any(axis=0).sum())
     3
   """
-  _check_ratio(ratio)
-
-  def init_fn(params):
-    del params
-    return RandomMaskState(jax.random.key(seed))
-
-  def update_fn(updates, state, params=None, *, magnitudes=None, **extra_args):
-    del params, extra_args
-    key, step_key = jax.random.split(state.key)
-    if magnitudes is None:
-      magnitudes = {
-          path: jnp.ones(u.shape[-1:])
-          for path, u in _flatten(updates).items()
-          if (where or is_kernel)(path, u)
-      }
-      magnitudes = traverse_util.unflatten_dict(magnitudes)
-    paths = sorted(_flatten(magnitudes))
-    keys = dict(zip(paths, jax.random.split(step_key, max(len(paths), 1))))
-
-    def random_scores(path, m):
-      return jax.random.uniform(keys[path], m.shape)
-
-    masks = layer_masks(updates, magnitudes, random_scores, ratio, exact_count=True, where=where)
-    return apply_masks(updates, masks, enabled), RandomMaskState(key)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
+  return mask_by_importance(
+      ratio, importance_lib.random_scores(seed), threshold="top_k", enabled=enabled, where=where
+  )

@@ -1,0 +1,163 @@
+"""Where a mask's ranking comes from: importance scores per output feature.
+
+MIGU ranks the output features of a layer by the L1 norm of their outputs
+(:func:`output_magnitude`). Its ablation (Table 11 of the paper) and later work
+rank by other signals; each is an :class:`Importance` here, so
+:func:`migu_jax.mask_by_importance` takes any of them, or one of your own.
+
+For the sources computed from a kernel (gradient, weight, Fisher), the output
+features are the kernel's last axis (Flax kernels are ``[in, out]``); the
+score of feature ``i`` reduces the kernel slice ``[..., i]``:
+
+=====================  ==================================================
+``output_magnitude``   ``n_i = sum |y_i|`` over batch and sequence (MIGU)
+``gradient_magnitude``  ``sum |g[..., i]|``
+``weight_magnitude``   ``sum |w[..., i]|``
+``fisher(decay)``      ``F_i <- decay F_i + (1 - decay) sum g[..., i]^2``
+``random_scores(seed)`` uniform noise (the random-mask baseline)
+=====================  ==================================================
+
+An importance is two pure functions: ``init(params) -> state`` and
+``scores(updates, state, params, magnitudes) -> (scores, state)``, where
+``scores`` is a tree whose leaf at a kernel's path broadcasts against that
+kernel (as the magnitudes do).
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from migu_jax import importance
+  >>> grads = {"kernel": jnp.array([[1., -2., 0.], [1., 2., 0.5]])}
+  >>> scores, _ = importance.gradient_magnitude().scores(grads, None, None, None)
+  >>> scores["kernel"].tolist()
+  [2.0, 4.0, 0.5]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class Importance(NamedTuple):
+  """A source of per-output-feature importance scores (see the module docstring)."""
+
+  init: Callable[[Any], Any]
+  scores: Callable[[Any, Any, Any, Any], tuple[Any, Any]]
+
+
+def _per_output_feature(x: jax.Array, power: int = 1) -> jax.Array:
+  """``sum |x|**power`` over all axes but the last, in float32."""
+  x = jnp.abs(x.astype(jnp.float32)) ** power
+  return x.sum(axis=tuple(range(x.ndim - 1))) if x.ndim > 1 else x
+
+
+def _no_state(params):
+  del params
+  return optax.EmptyState()
+
+
+def output_magnitude() -> Importance:
+  """MIGU's importance: the output magnitudes passed as ``magnitudes=``."""
+
+  def scores(updates, state, params, magnitudes):
+    del updates, params
+    if magnitudes is None:
+      raise TypeError(
+          "mask_by_magnitude: update() needs the keyword argument magnitudes=..., the"
+          " statistics from migu.apply_with_magnitudes (the loss function's aux"
+          " output): tx.update(grads, opt_state, params, magnitudes=mags)."
+      )
+    return magnitudes, state
+
+  return Importance(_no_state, scores)
+
+
+def gradient_magnitude() -> Importance:
+  """``sum |g|`` per output feature: the gradient-based ablation of the paper."""
+
+  def scores(updates, state, params, magnitudes):
+    del params, magnitudes
+    return jax.tree.map(_per_output_feature, updates), state
+
+  return Importance(_no_state, scores)
+
+
+def weight_magnitude() -> Importance:
+  """``sum |w|`` per output feature: the weight-based ablation of the paper."""
+
+  def scores(updates, state, params, magnitudes):
+    del updates, magnitudes
+    if params is None:
+      raise TypeError("weight_magnitude: update() needs params: tx.update(grads, state, params, ...).")
+    return jax.tree.map(_per_output_feature, params), state
+
+  return Importance(_no_state, scores)
+
+
+class FisherState(NamedTuple):
+  """Running average of the squared gradient per output feature of each leaf."""
+
+  fisher: Any
+
+
+def fisher(decay: float = 0.9) -> Importance:
+  """Diagonal Fisher information per output feature, averaged over recent steps.
+
+  ``F_i <- decay * F_i + (1 - decay) * sum g[..., i]^2`` (an exponential moving
+  average; scores are taken after this step's update). The state holds one
+  float32 vector per parameter, of its last axis' length.
+  """
+
+  def init(params):
+    return FisherState(jax.tree.map(lambda p: jnp.zeros(p.shape[-1:], jnp.float32), params))
+
+  def scores(updates, state, params, magnitudes):
+    del params, magnitudes
+    new = jax.tree.map(
+        lambda f, g: decay * f + (1 - decay) * _per_output_feature(g, 2), state.fisher, updates
+    )
+    return new, FisherState(new)
+
+  return Importance(init, scores)
+
+
+class RandomState(NamedTuple):
+  """The PRNG key of the next step's random scores."""
+
+  key: jax.Array
+
+
+def random_scores(seed: int = 0) -> Importance:
+  """Uniform random scores: with an exact-count threshold, the random-mask baseline.
+
+  Shaped like ``magnitudes`` when they are given, else one score per index of
+  each leaf's last axis. The key lives in the state, so every data-parallel
+  replica draws the same scores.
+  """
+
+  def init(params):
+    del params
+    return RandomState(jax.random.key(seed))
+
+  def scores(updates, state, params, magnitudes):
+    del params
+    key, step_key = jax.random.split(state.key)
+    shapes = magnitudes if magnitudes is not None else jax.tree.map(lambda u: u[(0,) * (u.ndim - 1)], updates)
+    leaves, treedef = jax.tree.flatten(shapes)
+    keys = jax.random.split(step_key, max(len(leaves), 1))
+    noise = [jax.random.uniform(k, jnp.shape(leaf)) for k, leaf in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, noise), RandomState(key)
+
+  return Importance(init, scores)
+
+
+IMPORTANCES: dict[str, Callable[[], Importance]] = {
+    "magnitude": output_magnitude,
+    "gradient": gradient_magnitude,
+    "weight": weight_magnitude,
+    "fisher": fisher,
+    "random": random_scores,
+}
+"""Built-in importance sources by name (each a factory with default arguments)."""
