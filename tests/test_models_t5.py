@@ -109,12 +109,32 @@ def test_round_trip_and_pytorch_load(tmp_path):
 
 
 def test_untied_round_trip_keeps_lm_head(tmp_path):
-  _write_untied(_hf_t5("gated-gelu", seed=5), str(tmp_path / "a"))
+  ref = _hf_t5("gated-gelu", seed=5)
+  _write_untied(ref, str(tmp_path / "a"))
   model, params, _ = from_pretrained(str(tmp_path / "a"))
   save_pretrained(model, params, str(tmp_path / "b"))
   model2, again, _ = from_pretrained(str(tmp_path / "b"))
   assert model2.config == model.config
   assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, again))
+  back = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "b").eval()
+  inputs = _inputs(seed=2)
+  np.testing.assert_allclose(_torch_logits(back, *inputs), _torch_logits(ref, *inputs), atol=1e-6)
+
+
+def test_tied_unscaled_head_saves_for_pytorch(tmp_path):
+  # A v1.1 config written by transformers 5: tied head, no output scaling.
+  ref = _hf_t5("gated-gelu", seed=6)
+  ref.config.tie_word_embeddings = True
+  ref.save_pretrained(tmp_path / "a")
+  model, params, _ = from_pretrained(str(tmp_path / "a"))
+  assert model.config.tie_word_embeddings and not model.config.scale_decoder_outputs
+  inputs = _inputs(seed=3)
+  want = _torch_logits(ref, *inputs)
+  keep = inputs[3].astype(bool)
+  assert np.abs(np.asarray(model.apply({"params": params}, *inputs))[keep] - want[keep]).max() < TOL
+  save_pretrained(model, params, str(tmp_path / "b"))
+  back = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "b").eval()
+  np.testing.assert_allclose(_torch_logits(back, *inputs), want, atol=1e-6)
 
 
 def test_shift_right_and_missing_decoder_inputs(tmp_path):

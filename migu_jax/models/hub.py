@@ -5,14 +5,10 @@ A folder is what ``transformers``' ``save_pretrained`` writes: ``config.json``,
 tokenizer files. Weights are read with safetensors' numpy API; torch is not
 needed. ``config.json``'s ``model_type`` picks the family:
 
-============  ==============================================  =====================
-model_type    Flax module                                     saved as (PyTorch)
-============  ==============================================  =====================
-bert          :class:`migu_jax.models.bert.BertModel`          BertModel
-roberta       :class:`migu_jax.models.bert.BertModel`          RobertaModel
-llama         :class:`migu_jax.models.llama.LlamaForCausalLM`  LlamaForCausalLM
-t5            :class:`migu_jax.models.t5.T5ForConditionalGeneration`  T5ForConditionalGeneration
-============  ==============================================  =====================
+* ``bert``    -> :class:`migu_jax.models.bert.BertModel` (saved as ``BertModel``)
+* ``roberta`` -> :class:`migu_jax.models.bert.BertModel` (saved as ``RobertaModel``)
+* ``llama``   -> :class:`migu_jax.models.llama.LlamaForCausalLM`
+* ``t5``      -> :class:`migu_jax.models.t5.T5ForConditionalGeneration`
 
 Example:
   >>> import jax.numpy as jnp, tempfile

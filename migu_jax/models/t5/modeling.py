@@ -106,6 +106,10 @@ class Config:
            if f.name not in ("dtype", "remat")}
     out.update(is_encoder_decoder=True, architectures=["T5ForConditionalGeneration"],
                dense_act_fn=self.activation, is_gated_act=self.is_gated)
+    if self.tie_word_embeddings and not self.scale_decoder_outputs:
+      # transformers reads "tied" as "scaled": save such a head untied (params.to_hf
+      # writes lm_head.weight as a copy of shared.weight).
+      out["tie_word_embeddings"] = False
     return out
 
   @classmethod

@@ -85,6 +85,13 @@ def from_hf(state_dict: dict, cfg: modeling.Config, source: str = "checkpoint") 
 
 
 def to_hf(params: dict, cfg: modeling.Config) -> dict[str, np.ndarray]:
-  """Nested ``params`` -> HF ``T5ForConditionalGeneration`` state dict (numpy)."""
-  del cfg
-  return params_to_state_dict(params, RULES)
+  """Nested ``params`` -> HF ``T5ForConditionalGeneration`` state dict (numpy).
+
+  A tied head without output scaling (v1.1 configs written by transformers 5)
+  is saved untied, with ``lm_head.weight`` a copy of ``shared.weight``, because
+  transformers takes ``tie_word_embeddings`` to mean "scale the decoder output".
+  """
+  state = params_to_state_dict(params, RULES)
+  if cfg.tie_word_embeddings and not cfg.scale_decoder_outputs:
+    state["lm_head.weight"] = state["shared.weight"].copy()
+  return state
