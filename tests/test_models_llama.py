@@ -133,7 +133,7 @@ def test_error_unsupported_gguf_tensor_type(tmp_path):
   w.write_tensors_to_file()
   w.close()
   with pytest.raises(NotImplementedError, match=r"blk\.0\.attn_q\.weight \(I8\)"):
-    llama_gguf.from_gguf(path)
+    from_pretrained(path)   # a .gguf file goes to llama.gguf.from_gguf
 
 
 def test_cached_generation_equals_full_recompute(tmp_path):

@@ -90,7 +90,8 @@ def from_pretrained(path_or_id: str, *, dtype: Any = jnp.float32, **config_overr
   Args:
     path_or_id: a local Hugging Face model folder; a hub id such as
       "HuggingFaceTB/SmolLM2-135M" (downloaded when a network exists); or a
-      preset: "minilm" (all-MiniLM-L6-v2) or "smollm2-135m" (from its GGUF).
+      preset: "minilm" (all-MiniLM-L6-v2) or "smollm2-135m" (from its GGUF);
+      or a Llama ``.gguf`` file.
     dtype: compute dtype (params are always float32).
     **config_overrides: fields of the family's ``Config`` (e.g. ``remat=True``,
       ``add_pooler=True`` for BERT).
@@ -107,6 +108,9 @@ def from_pretrained(path_or_id: str, *, dtype: Any = jnp.float32, **config_overr
   from migu_jax.models import presets
   if path_or_id in presets.PRESETS:
     return presets.PRESETS[path_or_id](dtype=dtype, **config_overrides)
+  if path_or_id.endswith(".gguf") and os.path.isfile(path_or_id):
+    from migu_jax.models.llama.gguf import from_gguf
+    return from_gguf(path_or_id, dtype=dtype, **config_overrides)
   folder = _resolve_folder(path_or_id)
   hf_config = read_config(folder)
   if "model_type" not in hf_config:
