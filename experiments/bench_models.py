@@ -16,6 +16,13 @@ Run (the figures in experiments/bench_models.md):
 
 Smaller, e.g. for a quick check:
   python experiments/bench_models.py --models smollm2 --batch 2 --seq 64 --repeats 3
+
+Random weights of the presets' shapes (no preset packages needed):
+  python experiments/bench_models.py --random-init
+
+On a GPU (both frameworks on the device; float32 matmuls in full precision,
+or TF32 in both); not run yet, so unverified:
+  python experiments/bench_models.py --device cuda --random-init --matmul-precision highest
 """
 
 from __future__ import annotations
@@ -66,12 +73,25 @@ def _jax_step(model, kind):
   return tx, jax.jit(step, donate_argnums=(0, 1))
 
 
+def _load(kind, random_init):
+  if not random_init:
+    return from_pretrained("minilm" if kind == "minilm" else "smollm2-135m")[:2]
+  from migu_jax.models import bert, llama
+  if kind == "minilm":
+    cfg = bert.Config.preset("minilm-l6")
+    return bert.BertModel(cfg), bert.params.init_params(cfg)
+  cfg = llama.Config.preset("smollm2-135m")
+  params = llama.params.init_params(cfg)
+  # Flax's Embed init has std 1; HF's 0.02 keeps the tied logits (and loss) sane.
+  params["embed"]["embedding"] = params["embed"]["embedding"] * 0.02
+  return llama.LlamaForCausalLM(cfg), params
+
+
 def _torch_model(kind, model, params, folder):
   import transformers
-  if kind == "minilm":
-    from migu_jax.models.presets import minilm_folder
-    return transformers.AutoModel.from_pretrained(minilm_folder())
   save_pretrained(model, params, folder)
+  if kind == "minilm":
+    return transformers.AutoModel.from_pretrained(folder)
   return transformers.LlamaForCausalLM.from_pretrained(folder)
 
 
@@ -87,18 +107,21 @@ def _torch_loss(kind, tmodel, ids, mask):
   return (nll * w).sum() / w.sum()
 
 
-def bench(kind: str, batch: int, seq: int, repeats: int, warmup: int) -> dict:
-  model, params, _ = from_pretrained("minilm" if kind == "minilm" else "smollm2-135m")
+def bench(kind: str, batch: int, seq: int, repeats: int, warmup: int, device: str = "cpu",
+          random_init: bool = False) -> dict:
+  model, params = _load(kind, random_init)
   ids, mask = _batch(model.config.vocab_size, batch, seq)
   with tempfile.TemporaryDirectory() as folder:
-    tmodel = _torch_model(kind, model, params, folder)
+    tmodel = _torch_model(kind, model, params, folder).to(device)
   tmodel.train()
   # Dropout off in both (our models are deterministic).
   for m in tmodel.modules():
     if isinstance(m, torch.nn.Dropout):
       m.p = 0.0
   topt = torch.optim.AdamW(tmodel.parameters(), lr=LR)
-  tids, tmask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask)
+  tids = torch.tensor(ids, dtype=torch.long, device=device)
+  tmask = torch.tensor(mask, device=device)
+  sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
   tx, step = _jax_step(model, kind)
   opt_state = tx.init(params)
@@ -117,6 +140,7 @@ def bench(kind: str, batch: int, seq: int, repeats: int, warmup: int) -> dict:
     loss = _torch_loss(kind, tmodel, tids, tmask)
     loss.backward()
     topt.step()
+    sync()
     return time.perf_counter() - t, float(loss.detach())
 
   t0 = time.perf_counter()
@@ -146,14 +170,26 @@ def main():
                   help="batch for smollm2 only (default: --batch)")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=1)
+  ap.add_argument("--device", default="cpu", help="torch device; JAX uses its default backend")
+  ap.add_argument("--random-init", action="store_true",
+                  help="random weights of the presets' shapes (no preset packages needed)")
+  ap.add_argument("--matmul-precision", choices=["default", "highest", "tf32"], default="default",
+                  help="float32 matmuls on GPU: 'highest' (full float32 in both) or 'tf32' (both)")
   args = ap.parse_args()
+  if args.matmul_precision != "default":
+    tf32 = args.matmul_precision == "tf32"
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if tf32 else "highest")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+  print(f"device: torch {args.device}, jax {jax.devices()[0].device_kind}; "
+        f"matmul precision {args.matmul_precision}; random init {args.random_init}")
   print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
   print("load average (1, 5, 15 min) at start: %.1f %.1f %.1f" % os.getloadavg())
   print("model    batch x seq  ours s/step  torch s/step  ours/torch  ours tok/s  torch tok/s  compile s  first loss ours/torch")
   for kind in args.models:
     b = args.smollm2_batch if (kind == "smollm2" and args.smollm2_batch) else args.batch
-    r = bench(kind, b, args.seq, args.repeats, args.warmup)
+    r = bench(kind, b, args.seq, args.repeats, args.warmup, args.device, args.random_init)
     print(f"{r['model']:8} {r['batch']:5} x {r['seq']:<4} {r['ours_s']:11.3f}  {r['torch_s']:12.3f}  "
           f"{r['ratio']:10.2f}  {r['ours_tok_s']:10.0f}  {r['torch_tok_s']:11.0f}  {r['compile_s']:9.1f}  "
           f"{r['first_loss_ours']:.4f}/{r['first_loss_torch']:.4f}", flush=True)
