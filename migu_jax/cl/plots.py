@@ -117,13 +117,14 @@ def run_magnitudes(run_dir: str | os.PathLike, n_tasks: int) -> list[dict[str, n
 
 def plot_overlap(overlaps: dict[str, np.ndarray], tasks: Sequence[str], path, ratio: float = 0.7) -> Path:
   """The paper's Figure 5: one overlap heatmap per method (e.g. SeqFT vs MIGU), same colour scale."""
-  fig, axes = plt.subplots(1, len(overlaps), figsize=(3.8 * len(overlaps) + 1, 3.6), squeeze=False)
-  for ax, (method, m) in zip(axes[0], overlaps.items()):
+  fig, axes = plt.subplots(1, len(overlaps), figsize=(4.2 * len(overlaps) + 1.2, 3.8), squeeze=False,
+                           constrained_layout=True)
+  for k, (ax, (method, m)) in enumerate(zip(axes[0], overlaps.items())):
     im = ax.imshow(m, cmap="magma", vmin=0, vmax=1)
     for (i, j), v in np.ndenumerate(m):
       ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
-    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_yticks(range(len(tasks)), tasks if k == 0 else [""] * len(tasks))
     off = m[~np.eye(len(m), dtype=bool)]
     ax.set_title(f"{method}: mean off-diagonal {off.mean():.2f}" if off.size else method, fontsize=10)
   fig.colorbar(im, ax=axes[0].tolist(), label=f"Jaccard of top {100 * (1 - ratio):.0f}% positions")
