@@ -1,6 +1,5 @@
 """Llama and SmolLM2 (GGUF): parity with transformers, generation, round trip, errors."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

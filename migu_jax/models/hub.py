@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import os
@@ -142,7 +141,3 @@ def save_pretrained(model, params, folder: str, tokenizer=None) -> None:
   if tokenizer is not None:
     tokenizer.save_pretrained(folder)
 
-
-def replace_config(model, **changes):
-  """The same module class with config fields changed (e.g. dtype, remat)."""
-  return type(model)(dataclasses.replace(model.config, **changes))
