@@ -3,7 +3,11 @@
 The table below is the whole mapping; ``{i}`` is the layer number. Keys of
 ``BertFor*`` / ``RobertaFor*`` checkpoints carry a ``bert.`` / ``roberta.``
 prefix, which is stripped; their task heads (``cls.*``, ``lm_head.*``) are
-ignored, as are the ``position_ids`` buffers.
+ignored, as are the ``position_ids`` buffers. The pooler's weights load only
+with ``Config.add_pooler=True`` (``from_pretrained(path, add_pooler=True)``);
+otherwise they are skipped, and a folder saved from such params has no pooler
+(transformers then initialises a fresh one, which leaves the hidden states
+unchanged).
 
 Example:
   >>> from migu_jax.models.bert import modeling
