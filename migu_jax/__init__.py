@@ -12,6 +12,7 @@ whose activations have the largest L1 magnitude on the current batch::
 
 from migu_jax import importance
 from migu_jax import lora
+from migu_jax import nnx
 from migu_jax.magnitudes import COLLECTION
 from migu_jax.magnitudes import LINEAR_MODULES
 from migu_jax.magnitudes import apply_with_magnitudes
@@ -50,6 +51,7 @@ __all__ = (
     "layer_masks",
     "importance",
     "lora",
+    "nnx",
     "magnitude_paths",
     "make_train_step",
     "mask_by_importance",

@@ -46,7 +46,7 @@ def _is_traced(x) -> bool:
 def _check_ratio(ratio) -> None:
   if _is_traced(ratio):
     return  # a hyperparameter injected under jit: checked where it was set
-  value = float(jnp.asarray(ratio))
+  value = float(np.asarray(ratio))  # numpy: a Python number stays concrete under jit
   if not 0.0 <= value < 1.0:
     raise ValueError(
         f"mask_by_magnitude: ratio={value} is outside [0, 1). The ratio T is the"
@@ -55,6 +55,9 @@ def _check_ratio(ratio) -> None:
 
 
 def _path_names(path) -> tuple[str, ...]:
+  """Names of a tree path; a trailing ``.value`` (a Flax NNX Variable's) is dropped."""
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
   names = []
   for key in path:
     for attr in ("key", "name", "idx"):
@@ -188,6 +191,7 @@ def layer_masks(
     *,
     threshold: str | Callable = "quantile",
     where: Where | None = None,
+    stacked_axes: int | None = None,
 ) -> dict[tuple[str, ...], jax.Array]:
   """The keep-mask of every kernel selected by ``where``, keyed by parameter path.
 
@@ -197,6 +201,8 @@ def layer_masks(
       a kernel's path broadcasts against the kernel.
     ratio, threshold: as in :func:`keep_mask`.
     where: ``where(path, leaf) -> bool``; default: leaves named ``kernel``.
+    stacked_axes: the scores' leading axes that index separate layers (kernels
+      stacked by ``nn.scan``/``nnx.scan``): each layer gets its own threshold.
 
   Returns:
     ``{path: keep}``, each ``keep`` shaped like the layer's scores.
@@ -217,7 +223,18 @@ def layer_masks(
     s = jnp.asarray(flat_scores[path])
     _check_shape(name, s, update.shape)
     checked[name] = s
-    masks[path] = keep_mask(s, ratio, threshold=threshold)
+    if stacked_axes:
+      per_layer = s.reshape((-1,) + s.shape[stacked_axes:])
+      keep = jax.vmap(lambda x: keep_mask(x, ratio, threshold=threshold))(per_layer)
+      masks[path] = keep.reshape(s.shape)
+    else:
+      masks[path] = keep_mask(s, ratio, threshold=threshold)
+  if not masks:
+    raise ValueError(
+        "mask_by_magnitude: no parameter was selected for masking (default: leaves"
+        " named 'kernel'), so nothing would be masked. Pass the gradient tree of the"
+        " model's parameters, or select the masked leaves with where=..."
+    )
   _check_finite(checked)
   return masks
 
@@ -256,6 +273,7 @@ def mask_by_importance(
     enabled: bool | jax.Array = True,
     axis_name: str | None = None,
     where: Where | None = None,
+    stacked_axes: int | None = None,
     optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Zero the gradient of each kernel's least important output features.
@@ -271,6 +289,8 @@ def mask_by_importance(
     enabled: switch; ``False`` passes gradients unchanged.
     axis_name: average the ``magnitudes`` over this ``pmap`` axis first.
     where: ``where(path, leaf) -> bool`` selects the masked parameters.
+    stacked_axes: leading axes of the scores that index stacked layers (a
+      scanned layer stack); each layer is thresholded on its own.
     optimizer: if given, the transformation wraps it and masks its final
       update too (the strict mode, see :func:`strict_mask_by_magnitude`).
 
@@ -295,7 +315,9 @@ def mask_by_importance(
     if axis_name is not None and magnitudes is not None:
       magnitudes = jax.lax.pmean(magnitudes, axis_name)
     scores, importance_state = importance.scores(updates, state.importance, params, magnitudes)
-    masks = layer_masks(updates, scores, ratio, threshold=threshold, where=where)
+    masks = layer_masks(
+        updates, scores, ratio, threshold=threshold, where=where, stacked_axes=stacked_axes
+    )
     updates = apply_masks(updates, masks, enabled)
     if optimizer is None:
       return updates, MaskState(importance_state)
@@ -321,6 +343,7 @@ def mask_by_magnitude(
     threshold: str | Callable | None = None,
     axis_name: str | None = None,
     where: Where | None = None,
+    stacked_axes: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MIGU: zero the gradient of each linear layer's low-magnitude outputs.
 
@@ -356,6 +379,10 @@ def mask_by_magnitude(
       default (None): every leaf named ``kernel``. Under
       ``optax.inject_hyperparams`` pass it in ``static_args`` (optax would take
       a callable for a schedule).
+    stacked_axes: for kernels stacked over layers (``nn.scan``/``nnx.scan``,
+      e.g. ``migu.nnx.apply_with_magnitudes(..., stacked=True)``): the number
+      of leading stacked axes; each layer gets its own threshold. Under
+      ``optax.inject_hyperparams`` name it in ``static_args``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` takes
@@ -383,7 +410,7 @@ def mask_by_magnitude(
   """
   return mask_by_importance(
       ratio, importance_lib.output_magnitude(), threshold=_threshold(exact_count, threshold),
-      enabled=enabled, axis_name=axis_name, where=where,
+      enabled=enabled, axis_name=axis_name, where=where, stacked_axes=stacked_axes,
   )
 
 
@@ -396,6 +423,7 @@ def strict_mask_by_magnitude(
     threshold: str | Callable | None = None,
     axis_name: str | None = None,
     where: Where | None = None,
+    stacked_axes: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MIGU with a true freeze: masks the gradient and the optimizer's final update.
 
@@ -407,7 +435,7 @@ def strict_mask_by_magnitude(
     ratio: ``T`` in ``[0, 1)``.
     optimizer: the wrapped optimizer, e.g. ``optax.adamw(1e-4)`` (or a chain
       with clipping).
-    enabled, exact_count, threshold, axis_name, where: as in
+    enabled, exact_count, threshold, axis_name, where, stacked_axes: as in
       :func:`mask_by_magnitude`.
 
   Example:
@@ -416,7 +444,8 @@ def strict_mask_by_magnitude(
   """
   return mask_by_importance(
       ratio, importance_lib.output_magnitude(), threshold=_threshold(exact_count, threshold),
-      enabled=enabled, axis_name=axis_name, where=where, optimizer=optimizer,
+      enabled=enabled, axis_name=axis_name, where=where, stacked_axes=stacked_axes,
+      optimizer=optimizer,
   )
 
 

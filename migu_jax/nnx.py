@@ -239,18 +239,16 @@ def apply_with_magnitudes(
   are. As any NNX code that mutates state, it cannot run on a model closed over
   by a raw ``jax`` transform.
 
-  .. warning::
-    ``nnx.Optimizer.update`` hands optax plain arrays (``nnx.as_pure``), whose
-    paths match these magnitudes. Calling ``tx.update`` yourself, pass
-    ``nnx.as_pure(grads)``: a ``State`` of ``Variable`` s flattens with a
-    trailing ``value`` key, so no leaf is named ``kernel`` and
-    ``mask_by_magnitude`` would mask nothing.
+  The magnitudes' paths match those of the gradients that ``nnx.Optimizer``
+  hands optax, and those of a raw gradient ``State`` (the mask drops a
+  Variable's trailing ``.value``), so ``tx.update`` can also be called directly.
 
   Layers stacked by ``nnx.vmap`` and run under ``nnx.scan`` get one statistic
   per layer, stacked like their kernel (``[L, 1, d_out]`` for a kernel
   ``[L, d_in, d_out]``). :func:`migu_jax.mask_by_magnitude` would rank all
   ``L`` layers jointly (one threshold for the stack, not one per layer), so
-  stacked statistics raise an error unless ``stacked=True``.
+  stacked statistics raise an error unless ``stacked=True``; mask those with
+  ``migu.mask_by_magnitude(T, stacked_axes=1)`` (one threshold per layer).
 
   Args:
     model: any ``nnx.Module``; it is left unchanged (see the module docstring
@@ -321,8 +319,8 @@ def _broadcastable(acc: Magnitude, path, allow_stacked: bool) -> jax.Array:
         " (nnx.vmap/nnx.scan over layers). mask_by_magnitude ranks a kernel's"
         " output features jointly, so the stacked layers would share one"
         " threshold instead of one each. Unroll the layers (an nnx.List and a"
-        " Python loop) for MIGU training, or pass stacked=True to get the"
-        " stacked statistics."
+        " Python loop) for MIGU training, or pass stacked=True and mask with"
+        f" migu.mask_by_magnitude(T, stacked_axes={len(lead)})."
     )
   stat = value.shape[len(lead) :]
   n_in = acc.get_metadata("kernel_ndim") - len(stat)

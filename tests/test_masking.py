@@ -246,3 +246,20 @@ def test_non_finite_magnitudes_name_the_kernel(bad):
     _update(tx, grads, mags)
   with pytest.raises(Exception, match="head/kernel contain NaN or Inf"):
     jax.block_until_ready(jax.jit(lambda g, m: _update(tx, g, m))(grads, mags))
+
+
+def test_nothing_selected_is_an_error_not_a_silent_no_op():
+  grads = {"dense": {"w": jnp.ones((3, 4))}}
+  with pytest.raises(ValueError, match="nothing would be masked"):
+    _update(migu.mask_by_magnitude(0.7), grads, {"dense": {"w": jnp.ones(4)}})
+
+
+def test_transformation_can_be_built_inside_jit():
+  params, grads, mags = _grads_and_mags()
+
+  @jax.jit
+  def update(grads, mags):
+    tx = migu.mask_by_magnitude(0.7)
+    return _update(tx, grads, mags)[0]
+
+  update(grads, mags)

@@ -324,6 +324,9 @@ def test_tx_update_called_directly_masks_pure_gradients():
   params = nnx.as_pure(nnx.state(model, nnx.Param))
   updates, _ = tx.update(nnx.as_pure(grads), tx.init(params), params, magnitudes=mags)
   assert int((updates["kernel"] != 0).any(axis=0).sum()) == 3
+  # the raw gradient State (Variables, paths ending in .value) masks the same
+  raw, _ = tx.update(grads, tx.init(params), params, magnitudes=mags)
+  np.testing.assert_array_equal(np.asarray(nnx.as_pure(raw)["kernel"]), np.asarray(updates["kernel"]))
 
 
 # --- nnx.scan over stacked layers -----------------------------------------------
@@ -370,6 +373,14 @@ def test_scan_over_stacked_layers_is_refused_by_default_and_stacked_on_request()
     expected = jnp.abs(block.mlp(block.ln(x))).sum((0, 1)) + jnp.abs(block.mlp(block.ln(h))).sum((0, 1))
     np.testing.assert_allclose(stacked[i, 0], expected, rtol=1e-5)
     x = block(h)
+
+  # stacked_axes=1: one threshold per layer, as if each layer were masked alone
+  grads = {"kernel": jnp.ones((3, WIDTH, WIDTH))}
+  tx = migu.mask_by_magnitude(RATIO, stacked_axes=1)
+  updates, _ = tx.update(grads, tx.init(grads), magnitudes={"kernel": stacked})
+  for i in range(3):
+    alone = migu.keep_mask(stacked[i, 0], RATIO)
+    np.testing.assert_array_equal(np.asarray(updates["kernel"][i] != 0), np.broadcast_to(alone, (WIDTH, WIDTH)))
 
 
 def test_scan_that_broadcasts_the_capture_state_fails_clearly():
