@@ -116,15 +116,17 @@ def _token_weights(token_mask, path: tuple[str, ...], y: jax.Array):
   return w.reshape(w.shape + (1,) * (y.ndim - w.ndim)).astype(y.dtype)
 
 
-def apply_with_magnitudes(module: nn.Module, variables, *args, mutable=False, token_mask=None, **kwargs):
+def apply_with_magnitudes(
+    module: nn.Module, variables, *args, mutable=False, token_mask=None, stacked=False, **kwargs
+):
   """Runs ``module.apply`` and returns its outputs with MIGU's output magnitudes.
 
   For every ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Einsum`` call inside
   ``module``, computes ``n = sum(|y|)`` (float32) over all axes of the output
   ``y`` but the output features. Works under ``jax.jit`` and ``nn.remat``
-  (trace it inside the jitted function, as any ``apply``). Under ``nn.scan``
-  the statistics of a scanned layer cannot be matched one threshold per layer,
-  so a scanned linear layer raises an error instead of being dropped silently.
+  (trace it inside the jitted function, as any ``apply``). A linear layer under
+  ``nn.scan`` raises an error rather than losing its statistic or sharing one
+  threshold over the stack, unless ``stacked=True`` (below).
 
   Args:
     module: any flax.linen module; it is not changed.
@@ -165,7 +167,7 @@ def apply_with_magnitudes(module: nn.Module, variables, *args, mutable=False, to
     weights = _token_weights(token_mask, path, y)
     stat = output_statistic(mod, y if weights is None else y * weights, call_args, call_kwargs)
     mod.sow(COLLECTION, "kernel", stat, init_fn=_zeros_like(stat), reduce_fn=jnp.add)
-    captured.add((path, stat.ndim))
+    captured.add((path, stat.ndim, mod.variables["params"]["kernel"].ndim))
     return y
 
   extra = [] if mutable is False else ([mutable] if isinstance(mutable, str) else list(mutable))
@@ -173,16 +175,20 @@ def apply_with_magnitudes(module: nn.Module, variables, *args, mutable=False, to
     outputs, state = module.apply(variables, *args, mutable=[COLLECTION, *extra], **kwargs)
   state = dict(state)
   magnitudes = flax.core.unfreeze(state.pop(COLLECTION, {}))
-  _check_captured(captured, magnitudes)
+  magnitudes = _check_captured(captured, magnitudes, stacked)
   if extra:
     outputs = (outputs, state)
   return outputs, magnitudes
 
 
-def _check_captured(captured, magnitudes) -> None:
-  """Fails loudly when a captured call has no statistic (or a stacked one)."""
+def _check_captured(captured, magnitudes, stacked: bool):
+  """Fails loudly when a captured call has no statistic (or, unasked, a stacked one).
+
+  Returns the magnitudes, stacked statistics reshaped to broadcast against
+  their stacked kernels.
+  """
   flat = traverse_util.flatten_dict(magnitudes) if magnitudes else {}
-  for path, ndim in sorted(captured):
+  for path, ndim, kernel_ndim in sorted(captured):
     stat = flat.get((*path, "kernel"))
     where = "/".join(path) or "<root>"
     if stat is None:
@@ -193,13 +199,18 @@ def _check_captured(captured, magnitudes) -> None:
           f" {COLLECTION!r} collection. MIGU needs one statistic per layer:"
           " unroll the scanned layers (a Python loop) for MIGU training."
       )
-    if stat.ndim != ndim:
+    if stat.ndim != ndim and not stacked:
       raise ValueError(
           f"apply_with_magnitudes: the statistic at {where} came back with shape"
           f" {stat.shape}, i.e. stacked by a lifted transform (nn.scan/nn.vmap"
-          " with variable_axes). Per-layer thresholds cannot be told apart from"
-          " stacked statistics: unroll the scanned layers for MIGU training."
+          " with variable_axes); masked as it is, the stacked layers would share"
+          " one threshold. Unroll the scanned layers for MIGU training, or pass"
+          f" stacked=True and mask with mask_by_magnitude(T, stacked_axes={stat.ndim - ndim})."
       )
+    lead = stat.shape[: stat.ndim - ndim]
+    if lead:
+      flat[(*path, "kernel")] = stat.reshape(lead + (1,) * (kernel_ndim - ndim) + stat.shape[len(lead) :])
+  return traverse_util.unflatten_dict(flat) if flat else magnitudes
 
 
 def magnitude_paths(magnitudes: Any) -> list[tuple[str, ...]]:

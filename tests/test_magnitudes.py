@@ -98,8 +98,33 @@ def test_scan_fails_loudly_instead_of_dropping_statistics(variable_axes, message
 
   model = Stack()
   variables = model.init(jax.random.key(0), X)
-  with pytest.raises(ValueError, match=f"ScanStep_0/Dense_0.*{message}.*unroll"):
+  with pytest.raises(ValueError, match=f"ScanStep_0/Dense_0.*{message}.*[Uu]nroll"):
     migu.apply_with_magnitudes(model, variables, X)
+
+
+def test_scan_with_stacked_true_gives_one_statistic_per_layer():
+  scanned = nn.scan(Step, variable_axes={"params": 0, migu.COLLECTION: 0}, split_rngs={"params": True}, length=3)
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return scanned()(x, None)[0]
+
+  model = Stack()
+  params = model.init(jax.random.key(0), X)["params"]
+  _, mags = migu.apply_with_magnitudes(model, {"params": params}, X, stacked=True)
+  stat, kernel = mags["ScanStep_0"]["Dense_0"]["kernel"], params["ScanStep_0"]["Dense_0"]["kernel"]
+  assert stat.shape == (3, 1, 4) and kernel.shape == (3, 4, 4)
+  h = X
+  for i in range(3):  # the layers one by one
+    y = h @ kernel[i] + params["ScanStep_0"]["Dense_0"]["bias"][i]
+    np.testing.assert_allclose(stat[i, 0], np.abs(y).sum((0, 1)), rtol=1e-5)
+    h = y
+  tx = migu.mask_by_magnitude(0.5, stacked_axes=1)
+  grads = {"k": {"kernel": jnp.ones((3, 4, 4))}}
+  updates, _ = tx.update(grads, tx.init(grads), magnitudes={"k": {"kernel": stat}})
+  for i in range(3):
+    np.testing.assert_array_equal(updates["k"]["kernel"][i, 0] != 0, migu.keep_mask(stat[i, 0], 0.5))
 
 
 def test_other_mutable_collections_pass_through():
