@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -128,24 +129,28 @@ def _where(method: Method) -> Callable[[tuple[str, ...], Any], bool]:
   return lambda path, leaf: path[0] == "model" and migu.is_kernel(path, leaf)
 
 
+def _injected(factory):
+  """``optax.inject_hyperparams(factory)`` with only ``ratio`` and ``enabled`` injected (changeable between
+  tasks without recompiling); every other argument (where, seed, optimizer, ...) stays static."""
+  static = tuple(p for p in inspect.signature(factory).parameters if p not in ("ratio", "enabled"))
+  return optax.inject_hyperparams(factory, static_args=static)
+
+
 def _magnitude_mask(cfg, optimizer, where, seed):
   del seed
-  mask = optax.inject_hyperparams(migu.mask_by_magnitude, static_args=("exact_count", "where"))(
-      ratio=cfg.ratio, enabled=jnp.asarray(True), exact_count=cfg.exact_count, where=where)
+  mask = _injected(migu.mask_by_magnitude)(ratio=cfg.ratio, enabled=jnp.asarray(True),
+                                           exact_count=cfg.exact_count, where=where)
   return optax.chain(mask, optimizer)
 
 
 def _strict_mask(cfg, optimizer, where, seed):
   del seed
-  return optax.inject_hyperparams(migu.strict_mask_by_magnitude,
-                                  static_args=("optimizer", "exact_count", "where"))(
-      ratio=cfg.ratio, optimizer=optimizer, enabled=jnp.asarray(True), exact_count=cfg.exact_count,
-      where=where)
+  return _injected(migu.strict_mask_by_magnitude)(ratio=cfg.ratio, optimizer=optimizer, enabled=jnp.asarray(True),
+                                                  exact_count=cfg.exact_count, where=where)
 
 
 def _random_mask(cfg, optimizer, where, seed):
-  mask = optax.inject_hyperparams(migu.random_mask, static_args=("seed", "where"))(
-      ratio=cfg.ratio, seed=seed, enabled=jnp.asarray(True), where=where)
+  mask = _injected(migu.random_mask)(ratio=cfg.ratio, seed=seed, enabled=jnp.asarray(True), where=where)
   return optax.chain(mask, optimizer)
 
 
