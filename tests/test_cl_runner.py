@@ -153,6 +153,16 @@ def test_migu_mask_switch_is_injected_not_recompiled(tiny_models, tmp_path):
   assert [bool(f) for f in flags] == [False, True] and flags[0].shape == ()
 
 
+def test_one_compilation_serves_every_task(tiny_models, tmp_path):
+  from migu_jax.cl import methods, runner
+
+  cfg = tiny_config(tiny_models["bert"], tmp_path, magnitude_batches=0)  # one length bucket
+  runner.run_sequence(cfg, "migu", 0)
+  head = runner._head(cfg, runner.load_tasks(cfg, 0))
+  _, step = runner._train_step(cfg, methods.get_method("migu"), 0, head)
+  assert step.compiled._cache_size() == 1  # unmasked first task, masked later ones, replayed rows: one program
+
+
 def test_data_order_is_a_pure_function_of_seed_task_epoch():
   from migu_jax.cl import methods
 
