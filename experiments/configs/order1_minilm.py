@@ -5,12 +5,14 @@ Command (from the repository root; the data default is $MIGU_DATA_DIR, else ../s
     migu-jax run --config experiments/configs/order1_minilm.py
 
 Scale (fits 15 minutes on 2 CPU cores): 32 training records per label (dbpedia 448, amazon 160, yahoo ~300,
-agnews 128; one epoch, batch 16: 83 steps per method), 150 test records per task, prompts cut to 128 tokens
+agnews 128; one epoch, batch 16: 28 + 10 + 18 + 8 = 64 steps per method), 150 test records per task, prompts cut to 128 tokens
 (the sentence is shortened; the instruction, options and "Answer:" are kept). The encoder head scores each
 option by cosine similarity between the prompt's and the label's mean-pooled MiniLM embeddings.
 
-Measured (2 shared CPU cores, load average ~5 from other jobs; jax 0.10.2 CPU), 2026-11-25:
-wall time 7 min 55 s in total (473 s in the runner: SeqFT 249 s, MIGU 198 s, the initial evaluation shared).
+Measured on 2 CPU cores (jax 0.10.2 CPU), 2026-11-25: wall time 3 min 11 s on an idle machine (188 s in
+the runner: SeqFT 90 s, MIGU 83 s, the initial evaluation shared), 7 min 55 s with the cores shared with other
+jobs (load average ~5). Both runs, and a run killed twice with SIGKILL and resumed with the same command, gave
+bit-identical parameters (``params_sha256`` in results.json) and the same matrices.
 Printed at the end::
 
     | method | AA | BWT | FWT | Forgetting | seeds |
