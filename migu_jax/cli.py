@@ -118,16 +118,20 @@ def cmd_eval(args) -> int:
     accs = r["accuracies"]
     print(f"| {r['method']} seed {r['seed']} | task {r['checkpoint']['task']} step {r['checkpoint']['step']} | "
           + " | ".join(f"{100 * a:.1f}" for a in accs) + f" | {100 * sum(accs) / len(accs):.1f} |")
-  print(f"\n(eval mode: {rows[0]['eval_mode']}; written to eval.json in each run folder)")
+  heldout = rows[0]["heldout_tasks"]
+  print(f"\n(eval mode: {rows[0]['eval_mode']}"
+        + (f"; held out of train.json, no test file: {', '.join(heldout)}" if heldout else "")
+        + "; written to eval.json in each run folder)")
   return 0
 
 
 def cmd_report(args) -> int:
   from migu_jax.cl import plots, report
 
-  texts = []
+  texts, combined = [], {}
   for folder in args.folders:
     results = report.load_results(folder)
+    combined.update({f"{Path(folder).name}: {m}": row for m, row in results["comparison"].items()})
     out = Path(args.out) / Path(folder).name if args.out else None
     written = plots.plot_experiment(folder, results, out=out)
     if args.out:
@@ -135,6 +139,8 @@ def cmd_report(args) -> int:
       (out / "results.md").write_text(report.markdown(results))
     texts.append(f"## {folder}\n\n" + report.comparison_table(results["comparison"]) + "\n\n"
                  + "\n".join(f"- {p}" for p in written))
+  if len(args.folders) > 1:
+    texts.insert(0, "## All folders\n\n" + report.comparison_table(combined))
   text = "\n\n".join(texts)
   print(text)
   if args.out:
