@@ -4,8 +4,9 @@ Same model (a BERT encoder of MiniLM's size: 6 layers, width 384, 12 heads,
 random weights), same batch (16 x 128 tokens), same compiled train-step
 builder; the MIGU step adds the magnitude capture (sum |y| of every linear
 output) and the mask transformation in front of AdamW. Timed interleaved in
-one run, so both see the same machine state. Peak memory is XLA's own account
-of the compiled step (arguments + outputs + temporaries - aliased donations).
+one run, so both see the same machine state. Peak memory, flops and bytes
+accessed are XLA's own account of each compiled step (peak: arguments +
+outputs + temporaries - aliased donations); they do not depend on machine load.
 
 Run:
   .venv/bin/python experiments/bench_step.py            # ~3 minutes on 2 CPU cores
@@ -71,9 +72,17 @@ def build(args):
   return params, batch, steps
 
 
-def peak_bytes(step, params, opt_state, batch) -> int:
-  m = step.compiled.lower(params, opt_state, batch).compile().memory_analysis()
-  return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+def compiled_costs(step, params, opt_state, batch) -> dict:
+  """XLA's own account of the compiled step: peak bytes, flops, bytes accessed."""
+  compiled = step.compiled.lower(params, opt_state, batch).compile()
+  m = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {
+      "peak": m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes,
+      "flops": cost.get("flops", float("nan")),
+      "bytes": cost.get("bytes accessed", float("nan")),
+  }
 
 
 def main():
@@ -91,7 +100,7 @@ def main():
   batch = jax.device_put(batch)
   for name, (step, tx) in steps.items():
     p, s = step.place_state(params), step.place_state(tx.init(params))
-    memory[name] = peak_bytes(step, p, s, batch)
+    memory[name] = compiled_costs(step, p, s, batch)
     p, s, loss = step(p, s, batch)  # compile
     jax.block_until_ready(loss)
     states[name] = (p, s)
@@ -110,10 +119,15 @@ def main():
         f"model {args.layers}x{args.width}, {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq}")
   for name in steps:
     t = statistics.median(times[name])
+    c = memory[name]
     print(f"{name:6s} step {t * 1e3:8.1f} ms (median of {args.repeats}x{args.steps}, "
-          f"min {min(times[name]) * 1e3:.1f})  peak memory {memory[name] / 2**20:8.1f} MiB")
+          f"min {min(times[name]) * 1e3:.1f})  peak memory {c['peak'] / 2**20:8.1f} MiB  "
+          f"XLA: {c['flops'] / 1e9:.1f} GFLOP, {c['bytes'] / 2**30:.2f} GiB accessed")
   ratio = statistics.median(times["migu"]) / statistics.median(times["plain"])
-  print(f"MIGU / plain time: {ratio:.3f}   memory: {memory['migu'] / memory['plain']:.3f}")
+  best = min(times["migu"]) / min(times["plain"])
+  m, p = memory["migu"], memory["plain"]
+  print(f"MIGU / plain: time {ratio:.3f} (median), {best:.3f} (best)   peak memory {m['peak'] / p['peak']:.3f}   "
+        f"flops {m['flops'] / p['flops']:.3f}   bytes accessed {m['bytes'] / p['bytes']:.3f}")
 
 
 if __name__ == "__main__":
