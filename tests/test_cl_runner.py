@@ -220,3 +220,29 @@ def test_causal_lm_loss_covers_answer_tokens_only(tiny_models):
   answer = [int(i) for i, m in zip(batch["ids"][0], batch["loss_mask"][0]) if m]
   assert answer == head.answer(record.label) and answer[-1] == tok.eos_token_id
   assert tok.decode(answer[:-1]).strip() == record.label.lower()  # the tiny tokenizer lower-cases
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_option_scores_are_answer_log_likelihoods(tiny_models, family):
+  import jax
+
+  from migu_jax.cl import heads, runner
+  from migu_jax.cl.data import load_task
+
+  model, params, tok = runner.load_model(tiny_models[family])
+  task = load_task(DATA, "agnews", train_per_class=1, max_test=2)
+  head = heads.make_head(None, model, tok, [task], heads.HeadConfig(max_length=64, length_buckets=(64,)))
+  record, label = task.test[0], task.labels[1]
+  batch = head._scoring_batch(0, [(record, label)])
+  score = float(head._score(params, batch)[0])
+  # By hand: the model's log-probabilities of the option's tokens (no end-of-sequence), summed.
+  option = head._label_tokens(label)
+  if family == "llama":
+    n = int(batch["mask"][0].sum())
+    logp = jax.nn.log_softmax(model.apply({"params": params}, batch["ids"][:1, :n]), -1)[0]
+    expected = sum(float(logp[n - len(option) - 1 + i, t]) for i, t in enumerate(option))
+  else:
+    dec = np.array([[head.start_id] + option[:-1]])
+    logp = jax.nn.log_softmax(model.apply({"params": params}, batch["ids"][:1], batch["mask"][:1], dec), -1)[0]
+    expected = sum(float(logp[i, t]) for i, t in enumerate(option))
+  assert score == pytest.approx(expected, rel=1e-4, abs=1e-4)
