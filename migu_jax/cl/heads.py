@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import migu_jax as migu
 from migu_jax.cl.data import Record, Task
 from migu_jax.cl.prompts import build_prompt
 from migu_jax.models.bert.modeling import mean_pool
