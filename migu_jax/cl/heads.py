@@ -17,7 +17,7 @@ results record which (:attr:`Head.eval_mode`).
 
 A head turns examples into padded numpy batches (lengths rounded up to ``length_buckets`` so a run
 compiles a handful of shapes), and provides ``loss(forward, params, batch)`` for
-:func:`migu_jax.make_train_step`. ``forward(params, *args, method=None, rng=None)`` runs the model and
+:func:`migu_jax.make_train_step`. ``forward(params, *args, rng=None)`` runs the model and
 returns ``(outputs, magnitudes)``; :mod:`migu_jax.cl.methods` builds it (plain fine-tuning or LoRA).
 Evaluation takes plain model parameters (LoRA merged) and is separate from training.
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
