@@ -24,7 +24,13 @@ replay         mix ``replay_fraction`` of each earlier task's training data into
 migu_replay    MIGU + replay
 lora           LoRA adapters only (rank, alpha, dropout, target modules from the config)
 migu_lora      MIGU on the LoRA adapters (``lora_a`` by rank component, ``lora_b`` by output)
+grad_mask      the paper's gradient-based ablation: rank output features by ``sum |g|``
+weight_mask    the paper's weight-based ablation: rank output features by ``sum |w|``
+fisher_mask    rank by a diagonal Fisher estimate (moving average of ``sum g^2``)
 =============  ==========================================================================
+
+Every mask uses ``cfg.ratio`` and the threshold rule ``cfg.threshold`` (``cfg.exact_count``: the
+paper's exact count); ``cfg.padding_aware`` leaves padded positions out of the magnitudes.
 """
 
 from __future__ import annotations
@@ -66,6 +72,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("migu_replay", "MIGU + replay", mask="magnitude", replay=True),
     Method("lora", "LoRA adapters", lora=True),
     Method("migu_lora", "MIGU on LoRA adapters", mask="magnitude", lora=True),
+    Method("grad_mask", "gradient-magnitude mask (the paper's ablation)", mask="gradient"),
+    Method("weight_mask", "weight-magnitude mask (the paper's ablation)", mask="weight"),
+    Method("fisher_mask", "diagonal-Fisher mask", mask="fisher"),
 )}
 
 
@@ -91,14 +100,31 @@ def init_params(method: Method, cfg, model_params, head_params, key) -> dict:
   return params
 
 
+def token_mask(cfg, args):
+  """The padding mask of a forward call's ``args`` when ``cfg.padding_aware`` (else None).
+
+  The heads call ``forward(params, ids, mask)`` (encoders, decoders) or ``forward(params, ids, mask,
+  dec_ids, dec_mask)`` (encoder-decoders: one mask per stack; the lm head sees decoder positions).
+  """
+  if not getattr(cfg, "padding_aware", False):
+    return None
+  if len(args) >= 4:
+    return {"encoder": args[1], "decoder": args[3], "lm_head": args[3]}
+  return args[1]
+
+
 def make_forward(method: Method, cfg, model) -> Callable:
   """``forward(params, *args, rng=None) -> (outputs, magnitudes)`` keyed like the trainable tree."""
   if not method.lora:
     def forward(params, *args, rng=None):
       del rng
-      out, mags = migu.apply_with_magnitudes(model, {"params": params["model"]}, *args)
+      out, mags = migu.apply_with_magnitudes(model, {"params": params["model"]}, *args,
+                                             token_mask=token_mask(cfg, args))
       return out, {"model": mags}
     return forward
+
+  if getattr(cfg, "padding_aware", False):
+    raise ValueError("padding_aware=True is not supported with LoRA methods yet; set padding_aware=False.")
 
   def forward_lora(params, *args, rng=None):
     frozen = jax.lax.stop_gradient(params["model"])
@@ -136,17 +162,33 @@ def _injected(factory):
   return optax.inject_hyperparams(factory, static_args=static)
 
 
+def _threshold(cfg) -> str:
+  return "top_k" if cfg.exact_count else getattr(cfg, "threshold", "quantile")
+
+
 def _magnitude_mask(cfg, optimizer, where, seed):
   del seed
   mask = _injected(migu.mask_by_magnitude)(ratio=cfg.ratio, enabled=jnp.asarray(True),
-                                           exact_count=cfg.exact_count, where=where)
+                                           threshold=_threshold(cfg), where=where)
   return optax.chain(mask, optimizer)
 
 
 def _strict_mask(cfg, optimizer, where, seed):
   del seed
   return _injected(migu.strict_mask_by_magnitude)(ratio=cfg.ratio, optimizer=optimizer, enabled=jnp.asarray(True),
-                                                  exact_count=cfg.exact_count, where=where)
+                                                  threshold=_threshold(cfg), where=where)
+
+
+def _importance_mask(source: str):
+  """A mask ranked by ``migu_jax.importance.IMPORTANCES[source]`` (gradient, weight, Fisher)."""
+
+  def build(cfg, optimizer, where, seed):
+    del seed
+    mask = _injected(migu.mask_by_importance)(ratio=cfg.ratio, importance=migu.importance.IMPORTANCES[source](),
+                                              enabled=jnp.asarray(True), threshold=_threshold(cfg), where=where)
+    return optax.chain(mask, optimizer)
+
+  return build
 
 
 def _random_mask(cfg, optimizer, where, seed):
@@ -158,6 +200,9 @@ MASKS: dict[str, Callable] = {
     "magnitude": _magnitude_mask,
     "strict": _strict_mask,
     "random": _random_mask,
+    "gradient": _importance_mask("gradient"),
+    "weight": _importance_mask("weight"),
+    "fisher": _importance_mask("fisher"),
 }
 """Mask name -> ``build(cfg, optimizer, where, seed)`` wrapping the optimizer with the mask first."""
 

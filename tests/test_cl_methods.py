@@ -1,0 +1,66 @@
+"""Runner methods beyond the reference: other importance sources, threshold rules, padding-aware magnitudes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_cl_runner import DATA, tiny_config, tiny_models  # noqa: F401  (the session fixture)
+
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
+
+
+@pytest.mark.parametrize("method", ["grad_mask", "weight_mask", "fisher_mask"])
+def test_table11_importance_methods_run(tiny_models, tmp_path, method):  # noqa: F811
+  from migu_jax.cl import runner
+
+  cfg = tiny_config(tiny_models["bert"], tmp_path, methods=(method,), magnitude_batches=0)
+  run = runner.run_sequence(cfg, method, 0)
+  assert np.array(run["matrix"]).shape == (3, 3)
+  assert all(np.isfinite(loss) for loss in run["final_loss"])
+
+
+@pytest.mark.parametrize("threshold", ["top_k", "l1_mass"])
+def test_threshold_rules_change_the_run(tiny_models, tmp_path, threshold):  # noqa: F811
+  from migu_jax.cl import runner
+
+  base = runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "q"), "migu", 0)
+  other = runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "t", threshold=threshold), "migu", 0)
+  assert other["params_sha256"] != base["params_sha256"]
+
+
+def test_padding_aware_forward_passes_each_stack_its_mask():
+  from migu_jax.cl import methods, runner
+
+  cfg = runner.Config(padding_aware=True)
+  enc, dec = jnp.ones((2, 5)), jnp.zeros((2, 3))
+  assert methods.token_mask(cfg, ("ids", enc)) is enc
+  assert methods.token_mask(cfg, ("ids", enc, "dec", dec)) == {"encoder": enc, "decoder": dec, "lm_head": dec}
+  assert methods.token_mask(runner.Config(), ("ids", enc)) is None
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "t5"])
+def test_padding_aware_magnitudes_equal_those_of_the_unpadded_rows(tiny_models, family):  # noqa: F811
+  from migu_jax.cl import methods, runner
+
+  cfg = runner.Config(model=tiny_models[family], padding_aware=True)
+  model, params, _ = runner.load_model(cfg.model)
+  ids = np.random.default_rng(0).integers(5, 200, (2, 12)).astype(np.int32)
+  mask = np.ones((2, 12), np.int32)
+  mask[1, 7:] = 0  # the second row is padded after 7 tokens
+  trainable = {"model": params}
+  method = methods.get_method("migu")
+
+  def mags(aware, *args):
+    forward = methods.make_forward(method, cfg.replace(padding_aware=aware), model)
+    return forward(trainable, *args)[1]["model"]
+
+  def inputs(rows, n=12):
+    enc = (ids[rows, :n], mask[rows, :n])
+    return enc + enc if family == "t5" else enc  # T5: the same tokens and padding on both stacks
+
+  aware, plain = mags(True, *inputs(slice(0, 2))), mags(False, *inputs(slice(0, 2)))
+  unpadded = jax.tree.map(jnp.add, mags(False, *inputs(slice(0, 1))), mags(False, *inputs(slice(1, 2), 7)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-4), aware, unpadded)
+  gap = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), plain, unpadded)
+  assert max(jax.tree.leaves(gap)) > 1e-3  # the reference counts the padded positions
