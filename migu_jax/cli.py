@@ -29,7 +29,7 @@ _FLAGS = {
     "methods": "methods", "seeds": "seeds", "ratio": "ratio", "lr": "learning_rate",
     "batch_size": "batch_size", "micro_batches": "micro_batches", "train_per_class": "train_per_class",
     "max_test": "max_test", "epochs": "epochs", "max_length": "max_length", "output": "output_dir",
-    "checkpoint_every": "checkpoint_every",
+    "checkpoint_every": "checkpoint_every", "mode": "mode", "mesh_shape": "mesh_shape",
 }
 
 
@@ -81,6 +81,8 @@ def cmd_run(args) -> int:
   cfg = build_config(args)
   start = time.perf_counter()
   results = runner.run_experiment(cfg, plots=not args.no_plots)
+  if not runner.is_writer():  # process 0 prints (and writes) for all
+    return 0
   print(f"\nResults in {cfg.output_dir} (results.json, results.md, plots/); wall time "
         f"{time.perf_counter() - start:.0f} s.\n")
   print(report.comparison_table(results["comparison"]))
@@ -174,6 +176,9 @@ def parser() -> argparse.ArgumentParser:
   run.add_argument("--max-length", type=int)
   run.add_argument("--checkpoint-every", type=int, help="save every N steps (and after every task)")
   run.add_argument("--output", help="output folder")
+  run.add_argument("--mode", choices=("jit", "mesh"), help="train step: jit (one device, default) or mesh (every "
+                                                          "device of every process, e.g. a TPU pod slice)")
+  run.add_argument("--mesh-shape", help="mesh mode: data[,model] devices, one may be -1 (default: all on data)")
   run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other Config field")
   run.add_argument("--no-progress", action="store_true", help="no progress bars")
   run.add_argument("--no-plots", action="store_true")

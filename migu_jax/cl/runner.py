@@ -78,6 +78,14 @@ class Config:
 
   Run: ``output_dir``, ``checkpoint_every`` (steps), ``keep_checkpoints``, ``magnitude_batches`` (batches
   per task whose magnitudes are kept for the plots), ``progress`` (tqdm bars).
+
+  Devices: ``mode`` (the train step's, see :func:`migu_jax.make_train_step`: ``"jit"`` one device,
+  ``"mesh"`` a global mesh of every device of every process, e.g. a TPU pod slice); ``mesh_shape`` (mesh mode: ``(data,)`` or ``(data, model)``, one entry may be -1 for "the rest";
+  None: every device on the data axis), ``data_axis`` and ``model_axis`` (the mesh's axis names). On a mesh
+  the global batch of ``batch_size`` rows is split over the data axis, each process feeding rows
+  ``process_index::process_count`` of every batch; with a model axis, kernels whose last axis divides by its
+  size are sharded along that axis (the rest replicated, see :func:`shard_spec`). These settings change where
+  the same computation runs, not what it computes: a run may resume on another mode or mesh.
   """
 
   model: str = "minilm"
@@ -118,6 +126,10 @@ class Config:
   keep_checkpoints: int = 2
   magnitude_batches: int = 2
   progress: bool = True
+  mode: str = "jit"
+  mesh_shape: tuple[int, ...] | None = None
+  data_axis: str = "data"
+  model_axis: str = "model"
 
   def __post_init__(self):
     for name in ("methods", "seeds", "length_buckets", "lora_targets"):
@@ -141,6 +153,17 @@ class Config:
       raise ValueError("Config.seeds is empty; give at least one seed, e.g. (0,).")
     for name in self.methods:
       methods_lib.get_method(name)
+    if self.mode not in ("jit", "mesh"):
+      raise ValueError(f"Config.mode={self.mode!r}; expected 'jit' (one device) or 'mesh' (every device of "
+                       "every process, data-parallel).")
+    if self.mesh_shape is not None:
+      if isinstance(self.mesh_shape, (int, str)):
+        self.mesh_shape = (self.mesh_shape,) if isinstance(self.mesh_shape, int) else tuple(
+            int(v) for v in self.mesh_shape.replace("x", ",").split(",") if v.strip())
+      self.mesh_shape = tuple(int(v) for v in self.mesh_shape)
+      if self.mode != "mesh" or not 1 <= len(self.mesh_shape) <= 2:
+        raise ValueError(f"Config.mesh_shape={self.mesh_shape!r} needs mode='mesh' and one or two axes: "
+                         f"(data,) or (data, model), e.g. (-1, 2).")
 
   @classmethod
   def from_dict(cls, values: dict) -> "Config":
@@ -166,7 +189,7 @@ class Config:
 
 # Settings a resumed run must share with the checkpoint it resumes (the rest only affect bookkeeping).
 _RUN_ONLY = ("output_dir", "progress", "methods", "seeds", "checkpoint_every", "keep_checkpoints",
-             "magnitude_batches")
+             "magnitude_batches", "mode", "mesh_shape", "data_axis", "model_axis")
 
 
 def _json_ready(value):
@@ -220,7 +243,7 @@ def load_model(spec: str):
 
 def _bar(cfg: Config, **kwargs):
   from tqdm.auto import tqdm
-  return tqdm(disable=not cfg.progress, dynamic_ncols=True, leave=False, **kwargs)
+  return tqdm(disable=not (cfg.progress and is_writer()), dynamic_ncols=True, leave=False, **kwargs)
 
 
 def evaluate(head: heads_lib.Head, params, tasks: Sequence[Task], *, cfg: Config, desc: str = "eval"
@@ -250,6 +273,11 @@ def capture_magnitudes(head: heads_lib.Head, params, examples, cfg: Config, seed
     mags = fn(params, head.train_batch([examples[i] for i in idx]))
     total = mags if total is None else jax.tree.map(jnp.add, total, mags)
   return {"/".join(p): np.asarray(v).reshape(-1) for p, v in traverse_util.flatten_dict(total).items()}
+
+
+def is_writer() -> bool:
+  """Whether this process writes results, logs and plots: process 0 (every process saves checkpoints)."""
+  return jax.process_index() == 0
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -298,9 +326,82 @@ def _head(cfg: Config, tasks: Sequence[Task]) -> heads_lib.Head:
   return _cached(key, build)
 
 
+def make_mesh(cfg: Config) -> jax.sharding.Mesh:
+  """The global mesh of ``cfg.mesh_shape`` over every device of every process (axes data[, model])."""
+  shape = list(cfg.mesh_shape or (-1,))
+  n = jax.device_count()
+  if shape.count(-1) > 1:
+    raise ValueError(f"Config.mesh_shape={cfg.mesh_shape}: at most one axis may be -1.")
+  if -1 in shape:
+    rest = int(np.prod([s for s in shape if s != -1]))
+    shape[shape.index(-1)] = n // rest if rest and n % rest == 0 else 0
+  if int(np.prod(shape)) != n:
+    raise ValueError(f"Config.mesh_shape={cfg.mesh_shape} does not cover the {n} devices "
+                     f"({jax.process_count()} process(es)); use e.g. ({n},) or (-1, 2).")
+  names = (cfg.data_axis, cfg.model_axis)[:len(shape)]
+  return jax.make_mesh(tuple(shape), names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def shard_spec(shape: tuple[int, ...], model_size: int, model_axis: str) -> jax.sharding.PartitionSpec:
+  """The parameter sharding rule of the mesh mode: a leaf is split along its last axis that divides by the
+  model axis' size (kernels' output features with their biases and norms, the embedding width, their AdamW
+  moments); scalars and leaves with no such axis are replicated. It is the layout XLA's propagation gives
+  the train step's outputs, so the state keeps its layout from step to step (one compilation)."""
+  P = jax.sharding.PartitionSpec
+  axes = [i for i, n in enumerate(shape) if model_size > 1 and n % model_size == 0]
+  if not axes:
+    return P()
+  return P(*[model_axis if i == axes[-1] else None for i in range(axes[-1] + 1)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where the run's state lives: ``place`` puts a pytree there, ``fetch`` brings it back as host values
+  (the same on every process), ``local_rows`` picks this process' rows of a global host batch."""
+
+  place: Callable[[Any], Any]
+  fetch: Callable[[Any], Any]
+  local_rows: Callable[[dict], dict]
+
+
+def _placement(cfg: Config, step: migu.TrainStep) -> Placement:
+  """Where ``step`` (of ``cfg``'s mode) wants the state; on a mesh, sharded by :func:`shard_spec`."""
+  if cfg.mode != "mesh":
+    return Placement(step.place_state, step.fetch, lambda batch: batch)
+  from jax.experimental import multihost_utils
+
+  mesh = make_mesh(cfg)
+
+  model_size = dict(zip(mesh.axis_names, mesh.devices.shape)).get(cfg.model_axis, 1)
+
+  def place(tree):
+    def leaf(x):
+      spec = shard_spec(np.shape(x), model_size, cfg.model_axis)
+      return jax.device_put(jnp.array(x, copy=True), jax.sharding.NamedSharding(mesh, spec))
+    return jax.tree.map(leaf, tree)
+
+  def fetch_leaf(x):
+    if ckpt_lib._is_key(x):  # typed PRNG keys (the random mask's) travel as their key data
+      return jax.random.wrap_key_data(fetch_leaf(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    if jax.process_count() == 1 or x.is_fully_addressable:
+      return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  def fetch(tree):
+    return jax.tree.map(fetch_leaf, tree)
+
+  index, count = jax.process_index(), jax.process_count()
+
+  def local_rows(batch):
+    return batch if count == 1 else jax.tree.map(lambda x: x[index::count], batch)
+
+  return Placement(place, fetch, local_rows)
+
+
 def _train_step(cfg: Config, method: methods_lib.Method, seed: int, head: heads_lib.Head):
-  """``(tx, step)``: the optimizer and the compiled train step of a method."""
-  key = ("step", id(head), json.dumps(_identity(cfg, method.name, seed), sort_keys=True, default=str))
+  """``(tx, step)``: the optimizer and the compiled train step of a method (see :func:`_placement`)."""
+  key = ("step", id(head), json.dumps(_identity(cfg, method.name, seed), sort_keys=True, default=str),
+         cfg.mode, cfg.mesh_shape, cfg.data_axis, cfg.model_axis)
 
   def build():
     tx = methods_lib.make_optimizer(method, cfg, seed)
@@ -309,7 +410,16 @@ def _train_step(cfg: Config, method: methods_lib.Method, seed: int, head: heads_
     def loss_fn(p, batch):
       return head.loss(forward, p, batch, rng=jax.random.wrap_key_data(batch["rng"][0]))
 
-    return tx, migu.make_train_step(loss_fn, tx, micro_batches=cfg.micro_batches, mode="jit")
+    mesh = make_mesh(cfg) if cfg.mode == "mesh" else None
+    if mesh is not None:
+      data_size = dict(zip(mesh.axis_names, mesh.devices.shape))[cfg.data_axis]
+      if cfg.batch_size % (data_size * cfg.micro_batches):
+        raise ValueError(f"Config.batch_size={cfg.batch_size} does not split over the mesh's {data_size} data "
+                         f"shards x micro_batches={cfg.micro_batches}; use a multiple of "
+                         f"{data_size * cfg.micro_batches}.")
+    step = migu.make_train_step(loss_fn, tx, micro_batches=cfg.micro_batches, mode=cfg.mode, mesh=mesh,
+                                data_axis=cfg.data_axis)
+    return tx, step
 
   return _cached(key, build)
 
@@ -345,8 +455,9 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
   head_key, lora_key = jax.random.split(jax.random.fold_in(key, 1))
   params = methods_lib.init_params(method, cfg, model_params, head.init(head_key), lora_key)
   tx, step_fn = _train_step(cfg, method, seed, head)
-  params = step_fn.place_state(params)
-  opt_state = step_fn.place_state(methods_lib.start_task(method, cfg, tx, params, 0))
+  placed = _cached(("placement", id(step_fn)), lambda: _placement(cfg, step_fn))
+  params = placed.place(params)
+  opt_state = placed.place(methods_lib.start_task(method, cfg, tx, params, 0))
 
   checkpoints = ckpt_lib.RunCheckpoints(folder / "checkpoints", keep=cfg.keep_checkpoints)
   meta = {"identity": identity, "task": 0, "step": 0, "initial": None, "rows": [], "train_s": [],
@@ -355,18 +466,20 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
   if saved_meta is not None:
     _check_identity(saved_meta["identity"], identity, checkpoints.folder)
     state, meta = checkpoints.restore({"params": params, "opt_state": opt_state, "key": key})
-    params, opt_state = step_fn.place_state(state["params"]), step_fn.place_state(state["opt_state"])
-  _write_json(folder / "config.json", identity)
+    params, opt_state = placed.place(state["params"]), placed.place(state["opt_state"])
+  if is_writer():
+    _write_json(folder / "config.json", identity)
 
-  def save():
-    number = checkpoints.save({"params": params, "opt_state": opt_state, "key": key}, meta)
+  def save():  # every process calls it (orbax coordinates a multi-process save)
+    number = checkpoints.save({"params": placed.fetch(params), "opt_state": placed.fetch(opt_state),
+                               "key": key}, meta)
     for cb in callbacks:
       cb("saved", {"checkpoint": number, "task": meta["task"], "step": meta["step"]})
 
   if meta["initial"] is None:
-    plain = methods_lib.eval_params(method, cfg, params)
+    plain = methods_lib.eval_params(method, cfg, placed.fetch(params))
     initial_mags = Path(cfg.output_dir) / "magnitudes_initial.npz"
-    if cfg.magnitude_batches and not initial_mags.exists():  # the paper's Figure 1: same for every method
+    if cfg.magnitude_batches and is_writer() and not initial_mags.exists():  # the paper's Figure 1: same for every method
       _save_npz(initial_mags, {f"{j}:{name}": v for j, t in enumerate(tasks) for name, v in capture_magnitudes(
           head, plain, [(j, r) for r in t.train], cfg, seed, cfg.magnitude_batches).items()})
     start = time.perf_counter()
@@ -378,7 +491,7 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
     examples = methods_lib.training_examples(method, cfg, tasks, t, seed)
     total = methods_lib.steps_per_epoch(len(examples), cfg.batch_size) * cfg.epochs
     if meta["step"] == 0:
-      opt_state = step_fn.place_state(methods_lib.start_task(method, cfg, tx, params, t))
+      opt_state = placed.place(methods_lib.start_task(method, cfg, tx, params, t))
       meta["losses"].append([])
     start = time.perf_counter()
     desc = f"{method_name} seed {seed} task {t + 1}/{len(tasks)} {tasks[t].name}"
@@ -388,7 +501,8 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
         batch = head.train_batch([examples[i] for i in idx])
         step_key = jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, t + 2), k))
         batch["rng"] = np.broadcast_to(np.asarray(step_key), (cfg.batch_size, *step_key.shape))
-        params, opt_state, loss = step_fn(params, opt_state, batch)
+        # Every process pads the whole batch (one padded length everywhere) and feeds its own rows.
+        params, opt_state, loss = step_fn(params, opt_state, placed.local_rows(batch))
         loss = float(loss)
         if not np.isfinite(loss):
           raise FloatingPointError(f"{desc}, step {k}: the loss is {loss}. Lower learning_rate or check the data.")
@@ -404,8 +518,8 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
           save()
     meta["train_s"] = _add_time(meta["train_s"], t, time.perf_counter() - start)
 
-    plain = methods_lib.eval_params(method, cfg, params)
-    if cfg.magnitude_batches:
+    plain = methods_lib.eval_params(method, cfg, placed.fetch(params))
+    if cfg.magnitude_batches and is_writer():
       _save_npz(folder / f"magnitudes_task_{t}.npz", capture_magnitudes(
           head, plain, [(t, r) for r in tasks[t].train], cfg, seed, cfg.magnitude_batches))
     start = time.perf_counter()
@@ -414,7 +528,7 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
     meta["steps"].append(total)
     meta["task"], meta["step"] = t + 1, 0
     save()
-    if cfg.progress:
+    if cfg.progress and is_writer():
       from tqdm.auto import tqdm
       tqdm.write(f"{method_name} seed {seed} after {tasks[t].name}: " + ", ".join(
           f"{task.name} {100 * a:.1f}" for task, a in zip(tasks, meta["rows"][-1])))
@@ -422,9 +536,10 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
       cb("task_done", {"task": t, "row": meta["rows"][-1]})
 
   checkpoints.close()
-  meta["params_sha256"] = params_digest(params)
+  meta["params_sha256"] = params_digest(placed.fetch(params))
   result = report_lib.run_result(method_name, seed, tasks, meta, head.eval_mode)
-  _write_json(folder / "result.json", result)
+  if is_writer():
+    _write_json(folder / "result.json", result)
   return result
 
 
@@ -452,8 +567,9 @@ def _initial_accuracies(cfg: Config, seed: int, head, params, tasks) -> list[flo
   if path.exists():
     return json.loads(path.read_text())["accuracies"]
   row = evaluate(head, params, tasks, cfg=cfg, desc="eval initial model")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  _write_json(path, {"settings": values, "accuracies": row})
+  if is_writer():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, {"settings": values, "accuracies": row})
   return row
 
 
@@ -512,6 +628,8 @@ def run_experiment(cfg: Config, *, callbacks: Sequence[Callback] = (), plots: bo
   runs = [run_sequence(cfg, m, s, callbacks=callbacks) for m in cfg.methods for s in cfg.seeds]
   results = report_lib.experiment_results(cfg.to_dict(), runs, wall_s=time.perf_counter() - start,
                                           data_dir=str(data_dir(cfg)))
+  if not is_writer():  # results, plots and logs come from process 0 only
+    return results
   report_lib.write_results(out, results)
   if plots:
     from migu_jax.cl import plots as plots_lib
@@ -519,6 +637,6 @@ def run_experiment(cfg: Config, *, callbacks: Sequence[Callback] = (), plots: bo
   return results
 
 
-__all__ = ["Config", "DataError", "capture_magnitudes", "data_dir", "evaluate", "evaluate_checkpoint", "load_model",
-           "load_tasks", "params_digest",
-           "run_experiment", "run_folder", "run_sequence"]
+__all__ = ["Config", "DataError", "Placement", "capture_magnitudes", "data_dir", "evaluate", "evaluate_checkpoint",
+           "is_writer", "load_model", "load_tasks", "make_mesh", "params_digest", "run_experiment", "run_folder",
+           "run_sequence", "shard_spec"]
