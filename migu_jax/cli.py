@@ -5,6 +5,7 @@ Examples::
     migu-jax run --config experiments/configs/order1_minilm.py          # the CPU main job
     migu-jax run --config experiments/configs/order1_minilm.py --methods seqft,migu,replay --seeds 0,1
     migu-jax run --model minilm --order dbpedia,agnews --methods migu --ratio 0.8 --output runs/try
+    migu-jax run --config experiments/configs/order1_minilm.py --mode mesh   # every device (TPU pods: experiments/tpu/)
     migu-jax eval runs/order1_minilm/migu/seed_0 --tasks yelp,sst-2 --max-test 100
     migu-jax report runs/order1_minilm runs/order2_minilm
 

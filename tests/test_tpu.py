@@ -78,8 +78,9 @@ def test_script_on_a_mesh_matches_one_device(tiny_models, tmp_path, reference): 
   assert results["config"]["mode"] == "mesh"
   _same_run(results["runs"][0], reference)
   assert (out / "results.md").exists() and (out / "plots" / "matrix_migu_seed0.png").stat().st_size > 1000
-  # Checkpoints (kept: the newest 2); the config.json identity is that of a jit run (a run may move between modes).
-  assert sorted(p.name for p in (out / "migu" / "seed_0" / "checkpoints").iterdir()) == ["3", "4"]  # of 5: initial, step 1 and end of each task
+  # Of 5 checkpoints (initial, step 1 and end of each task) the newest 2 are kept.
+  assert sorted(p.name for p in (out / "migu" / "seed_0" / "checkpoints").iterdir()) == ["3", "4"]
+  # The config.json identity is that of a jit run (a run may move between modes).
   assert "mode" not in json.loads((out / "migu" / "seed_0" / "config.json").read_text())
 
 

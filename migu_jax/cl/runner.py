@@ -69,7 +69,9 @@ class Config:
   ``order`` (a built-in order "1".."6", or task names); ``train_per_class`` and ``max_test`` (None: all).
 
   Methods: ``methods`` (names from :data:`migu_jax.cl.methods.METHODS`, run side by side), ``seeds``,
-  ``ratio`` (MIGU's T), ``exact_count``, ``first_task_unmasked``, ``replay_fraction``, ``lora_rank``,
+  ``ratio`` (MIGU's T), ``exact_count``, ``threshold`` (a rule of :data:`migu_jax.THRESHOLDS`;
+  ``exact_count`` means ``"top_k"``), ``padding_aware`` (padded positions do not count in the
+  magnitudes), ``first_task_unmasked``, ``replay_fraction``, ``lora_rank``,
   ``lora_alpha``, ``lora_dropout``, ``lora_targets`` (substrings of module names; empty: every linear).
 
   Optimization: AdamW (``learning_rate``, ``schedule``, ``weight_decay``, ``adam_b1/b2/eps``),
@@ -80,12 +82,13 @@ class Config:
   per task whose magnitudes are kept for the plots), ``progress`` (tqdm bars).
 
   Devices: ``mode`` (the train step's, see :func:`migu_jax.make_train_step`: ``"jit"`` one device,
-  ``"mesh"`` a global mesh of every device of every process, e.g. a TPU pod slice); ``mesh_shape`` (mesh mode: ``(data,)`` or ``(data, model)``, one entry may be -1 for "the rest";
-  None: every device on the data axis), ``data_axis`` and ``model_axis`` (the mesh's axis names). On a mesh
-  the global batch of ``batch_size`` rows is split over the data axis, each process feeding rows
-  ``process_index::process_count`` of every batch; with a model axis, kernels whose last axis divides by its
-  size are sharded along that axis (the rest replicated, see :func:`shard_spec`). These settings change where
-  the same computation runs, not what it computes: a run may resume on another mode or mesh.
+  ``"mesh"`` a global mesh of every device of every process, e.g. a TPU pod slice); ``mesh_shape`` (mesh
+  mode: ``(data,)`` or ``(data, model)``, one entry may be -1 for "the rest"; None: every device on the
+  data axis), ``data_axis`` and ``model_axis`` (the mesh's axis names). On a mesh the global batch of
+  ``batch_size`` rows is split over the data axis, each process feeding rows ``process_index::process_count``
+  of every batch; the state is replicated, or with a model axis split along each leaf's last axis that
+  divides by its size (see :func:`shard_spec`). These settings change where the same computation runs, not
+  what it computes: a run may resume on another mode or mesh.
   """
 
   model: str = "minilm"
@@ -99,6 +102,8 @@ class Config:
   seeds: tuple[int, ...] = (0,)
   ratio: float = 0.7
   exact_count: bool = False
+  threshold: str = "quantile"
+  padding_aware: bool = False
   first_task_unmasked: bool = True
   replay_fraction: float = 0.02
   lora_rank: int = 8
@@ -357,17 +362,20 @@ def shard_spec(shape: tuple[int, ...], model_size: int, model_axis: str) -> jax.
 @dataclasses.dataclass(frozen=True)
 class Placement:
   """Where the run's state lives: ``place`` puts a pytree there, ``fetch`` brings it back as host values
-  (the same on every process), ``local_rows`` picks this process' rows of a global host batch."""
+  (the same on every process; for checkpoints), ``for_eval`` puts it on this process' first device (the
+  evaluation runs there, on every process alike), ``local_rows`` picks this process' rows of a global host
+  batch."""
 
   place: Callable[[Any], Any]
   fetch: Callable[[Any], Any]
+  for_eval: Callable[[Any], Any]
   local_rows: Callable[[dict], dict]
 
 
 def _placement(cfg: Config, step: migu.TrainStep) -> Placement:
   """Where ``step`` (of ``cfg``'s mode) wants the state; on a mesh, sharded by :func:`shard_spec`."""
   if cfg.mode != "mesh":
-    return Placement(step.place_state, step.fetch, lambda batch: batch)
+    return Placement(step.place_state, step.fetch, lambda tree: tree, lambda batch: batch)
   from jax.experimental import multihost_utils
 
   mesh = make_mesh(cfg)
@@ -383,23 +391,33 @@ def _placement(cfg: Config, step: migu.TrainStep) -> Placement:
   def fetch_leaf(x):
     if ckpt_lib._is_key(x):  # typed PRNG keys (the random mask's) travel as their key data
       return jax.random.wrap_key_data(fetch_leaf(jax.random.key_data(x)), impl=jax.random.key_impl(x))
-    if jax.process_count() == 1 or x.is_fully_addressable:
+    if x.is_fully_addressable:
       return np.asarray(x)
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   def fetch(tree):
     return jax.tree.map(fetch_leaf, tree)
+
+  def for_eval(tree):
+    return jax.device_put(fetch(tree), jax.local_devices()[0])
 
   index, count = jax.process_index(), jax.process_count()
 
   def local_rows(batch):
     return batch if count == 1 else jax.tree.map(lambda x: x[index::count], batch)
 
-  return Placement(place, fetch, local_rows)
+  return Placement(place, fetch, for_eval, local_rows)
 
 
 def _train_step(cfg: Config, method: methods_lib.Method, seed: int, head: heads_lib.Head):
-  """``(tx, step)``: the optimizer and the compiled train step of a method (see :func:`_placement`)."""
+  """``(tx, step)``: the optimizer and the compiled train step of a method."""
+  return _step_and_placement(cfg, method, seed, head)[:2]
+
+
+def _step_and_placement(cfg: Config, method: methods_lib.Method, seed: int, head: heads_lib.Head):
+  """``(tx, step, placement)``, built once per setting (see :func:`_placement`)."""
   key = ("step", id(head), json.dumps(_identity(cfg, method.name, seed), sort_keys=True, default=str),
          cfg.mode, cfg.mesh_shape, cfg.data_axis, cfg.model_axis)
 
@@ -419,7 +437,7 @@ def _train_step(cfg: Config, method: methods_lib.Method, seed: int, head: heads_
                          f"{data_size * cfg.micro_batches}.")
     step = migu.make_train_step(loss_fn, tx, micro_batches=cfg.micro_batches, mode=cfg.mode, mesh=mesh,
                                 data_axis=cfg.data_axis)
-    return tx, step
+    return tx, step, _placement(cfg, step)
 
   return _cached(key, build)
 
@@ -454,8 +472,7 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
   key = jax.random.key(seed)
   head_key, lora_key = jax.random.split(jax.random.fold_in(key, 1))
   params = methods_lib.init_params(method, cfg, model_params, head.init(head_key), lora_key)
-  tx, step_fn = _train_step(cfg, method, seed, head)
-  placed = _cached(("placement", id(step_fn)), lambda: _placement(cfg, step_fn))
+  tx, step_fn, placed = _step_and_placement(cfg, method, seed, head)
   params = placed.place(params)
   opt_state = placed.place(methods_lib.start_task(method, cfg, tx, params, 0))
 
@@ -477,9 +494,10 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
       cb("saved", {"checkpoint": number, "task": meta["task"], "step": meta["step"]})
 
   if meta["initial"] is None:
-    plain = methods_lib.eval_params(method, cfg, placed.fetch(params))
+    plain = methods_lib.eval_params(method, cfg, placed.for_eval(params))
     initial_mags = Path(cfg.output_dir) / "magnitudes_initial.npz"
-    if cfg.magnitude_batches and is_writer() and not initial_mags.exists():  # the paper's Figure 1: same for every method
+    # The paper's Figure 1: the same for every method.
+    if cfg.magnitude_batches and is_writer() and not initial_mags.exists():
       _save_npz(initial_mags, {f"{j}:{name}": v for j, t in enumerate(tasks) for name, v in capture_magnitudes(
           head, plain, [(j, r) for r in t.train], cfg, seed, cfg.magnitude_batches).items()})
     start = time.perf_counter()
@@ -518,7 +536,7 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
           save()
     meta["train_s"] = _add_time(meta["train_s"], t, time.perf_counter() - start)
 
-    plain = methods_lib.eval_params(method, cfg, placed.fetch(params))
+    plain = methods_lib.eval_params(method, cfg, placed.for_eval(params))
     if cfg.magnitude_batches and is_writer():
       _save_npz(folder / f"magnitudes_task_{t}.npz", capture_magnitudes(
           head, plain, [(t, r) for r in tasks[t].train], cfg, seed, cfg.magnitude_batches))
