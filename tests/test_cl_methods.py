@@ -64,3 +64,37 @@ def test_padding_aware_magnitudes_equal_those_of_the_unpadded_rows(tiny_models, 
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-4), aware, unpadded)
   gap = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), plain, unpadded)
   assert max(jax.tree.leaves(gap)) > 1e-3  # the reference counts the padded positions
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "t5"])
+def test_layer_types_split_the_kernels_into_attention_and_feed_forward(tiny_models, family):  # noqa: F811
+  from migu_jax import masking
+  from migu_jax.cl import methods, runner
+
+  _, params, _ = runner.load_model(tiny_models[family])
+  paths = [p for p, leaf in jax.tree_util.tree_flatten_with_path({"model": params})[0]]
+  keys = [tuple(k.key for k in p) for p in paths]
+  kernels = {k for k in keys if masking.is_kernel(k, None)}
+  method = methods.get_method("migu")
+
+  def chosen(targets):
+    where = methods._where(method, methods.mask_patterns(runner.Config(mask_targets=targets)))
+    return {k for k in kernels if where(k, None)}
+
+  attention, ffn = chosen(("attention",)), chosen(("ffn",))
+  assert attention and ffn and not attention & ffn
+  assert chosen(()) == kernels and chosen(("all",)) == kernels
+  # every kernel of the layer stacks is one or the other (the rest: embeddings' or heads' projections)
+  layered = {k for k in kernels if any(str(part).startswith("layers_") for part in k)}
+  assert layered == attention | ffn
+  assert all("attention" in "/".join(k) for k in attention)
+
+
+def test_mask_targets_limit_the_mask_to_their_layers(tiny_models, tmp_path):  # noqa: F811
+  from migu_jax.cl import runner
+
+  base = runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "all"), "migu", 0)
+  attn = runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "a", mask_targets=("attention",)), "migu", 0)
+  assert attn["params_sha256"] != base["params_sha256"]
+  with pytest.raises(ValueError, match="mask_targets"):
+    runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "bad", mask_targets=("attention[",)), "migu", 0)

@@ -30,7 +30,8 @@ fisher_mask    rank by a diagonal Fisher estimate (moving average of ``sum g^2``
 =============  ==========================================================================
 
 Every mask uses ``cfg.ratio`` and the threshold rule ``cfg.threshold`` (``cfg.exact_count``: the
-paper's exact count); ``cfg.padding_aware`` leaves padded positions out of the magnitudes.
+paper's exact count); ``cfg.padding_aware`` leaves padded positions out of the magnitudes;
+``cfg.mask_targets`` (a name of :data:`LAYER_TYPES` or path patterns) limits the mask to some layers.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -148,11 +150,41 @@ def eval_params(method: Method, cfg, params) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def _where(method: Method) -> Callable[[tuple[str, ...], Any], bool]:
-  """Which leaves the mask acts on: the model's kernels, or the LoRA factors."""
+LAYER_TYPES: dict[str, tuple[str, ...]] = {
+    "all": (),
+    "attention": (r"/(attention|self_attention|cross_attention)/",),
+    "ffn": (r"/(intermediate|output|mlp)/",),
+}
+"""Named ``cfg.mask_targets`` for the layer-type ablation: attention projections or feed-forward layers
+of the BERT, Llama and T5 models of :mod:`migu_jax.models` ("all": every kernel)."""
+
+
+def mask_patterns(cfg) -> tuple[str, ...]:
+  """``cfg.mask_targets`` as regular expressions: a name of :data:`LAYER_TYPES`, or the patterns."""
+  targets = tuple(getattr(cfg, "mask_targets", ()) or ())
+  if len(targets) == 1 and targets[0] in LAYER_TYPES:
+    return LAYER_TYPES[targets[0]]
+  for pattern in targets:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"Config.mask_targets: {pattern!r} is not a regular expression ({e}); give a name of "
+                       f"{sorted(LAYER_TYPES)} or patterns searched in paths like 'model/layers_0/attention/"
+                       f"query/kernel'.") from None
+  return targets
+
+
+def _where(method: Method, patterns: tuple[str, ...] = ()) -> Callable[[tuple[str, ...], Any], bool]:
+  """Which leaves the mask acts on: the model's kernels, or the LoRA factors; with ``patterns``, only
+  those whose "/"-joined path matches one of them (the others keep their whole gradient)."""
   if method.lora:
-    return lambda path, leaf: path[0] == "lora" and lora_lib.is_lora(path[1:], leaf)
-  return lambda path, leaf: path[0] == "model" and migu.is_kernel(path, leaf)
+    base = lambda path, leaf: path[0] == "lora" and lora_lib.is_lora(path[1:], leaf)
+  else:
+    base = lambda path, leaf: path[0] == "model" and migu.is_kernel(path, leaf)
+  if not patterns:
+    return base
+  compiled = [re.compile(p) for p in patterns]
+  return lambda path, leaf: base(path, leaf) and any(c.search("/".join(map(str, path))) for c in compiled)
 
 
 def _injected(factory):
@@ -221,7 +253,7 @@ def make_optimizer(method: Method, cfg, seed: int = 0) -> optax.GradientTransfor
                            weight_decay=cfg.weight_decay))
   tx = optax.chain(*parts)
   if method.mask is not None:
-    tx = MASKS[method.mask](cfg, tx, _where(method), seed)
+    tx = MASKS[method.mask](cfg, tx, _where(method, mask_patterns(cfg)), seed)
   if not method.lora:
     return optax.with_extra_args_support(tx)
 

@@ -71,7 +71,8 @@ class Config:
   Methods: ``methods`` (names from :data:`migu_jax.cl.methods.METHODS`, run side by side), ``seeds``,
   ``ratio`` (MIGU's T), ``exact_count``, ``threshold`` (a rule of :data:`migu_jax.THRESHOLDS`;
   ``exact_count`` means ``"top_k"``), ``padding_aware`` (padded positions do not count in the
-  magnitudes), ``first_task_unmasked``, ``replay_fraction``, ``lora_rank``,
+  magnitudes), ``mask_targets`` (the layers masked: ``("attention",)``, ``("ffn",)`` or regular expressions
+  searched in kernel paths, see :data:`migu_jax.cl.methods.LAYER_TYPES`; empty: all), ``first_task_unmasked``, ``replay_fraction``, ``lora_rank``,
   ``lora_alpha``, ``lora_dropout``, ``lora_targets`` (substrings of module names; empty: every linear).
 
   Optimization: AdamW (``learning_rate``, ``schedule``, ``weight_decay``, ``adam_b1/b2/eps``),
@@ -104,6 +105,7 @@ class Config:
   exact_count: bool = False
   threshold: str = "quantile"
   padding_aware: bool = False
+  mask_targets: tuple[str, ...] = ()
   first_task_unmasked: bool = True
   replay_fraction: float = 0.02
   lora_rank: int = 8
@@ -137,7 +139,7 @@ class Config:
   model_axis: str = "model"
 
   def __post_init__(self):
-    for name in ("methods", "seeds", "length_buckets", "lora_targets"):
+    for name in ("methods", "seeds", "length_buckets", "lora_targets", "mask_targets"):
       value = getattr(self, name)
       if isinstance(value, (str, int)):
         value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else [value]
@@ -418,7 +420,10 @@ def _train_step(cfg: Config, method: methods_lib.Method, seed: int, head: heads_
 
 def _step_and_placement(cfg: Config, method: methods_lib.Method, seed: int, head: heads_lib.Head):
   """``(tx, step, placement)``, built once per setting (see :func:`_placement`)."""
-  key = ("step", id(head), json.dumps(_identity(cfg, method.name, seed), sort_keys=True, default=str),
+  # The step depends on the seed only through the random mask's key (the rest comes in with each batch),
+  # so the other methods' seeds share one compiled step.
+  step_seed = seed if method.mask == "random" else None
+  key = ("step", id(head), json.dumps(_identity(cfg, method.name, step_seed), sort_keys=True, default=str),
          cfg.mode, cfg.mesh_shape, cfg.data_axis, cfg.model_axis)
 
   def build():
