@@ -34,14 +34,25 @@ _FLAGS = {
 }
 
 
-def load_config_file(path: str) -> dict:
-  """``get_config()`` of a Python config file, as a dict."""
+def load_config_module(path: str):
+  """A Python config file as a module. Its folder is importable while it loads, so config files can share
+  settings through a sibling module (``from cpu_scale import cpu_scale``)."""
   file = Path(path)
   if not file.is_file():
     raise SystemExit(f"migu-jax: config file {path!r} does not exist (e.g. experiments/configs/order1_minilm.py).")
   spec = importlib.util.spec_from_file_location(f"migu_config_{file.stem}", file)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  sys.path.insert(0, str(file.resolve().parent))
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(str(file.resolve().parent))
+  return module
+
+
+def load_config_file(path: str) -> dict:
+  """``get_config()`` of a Python config file, as a dict."""
+  module = load_config_module(path)
   if not hasattr(module, "get_config"):
     raise SystemExit(f"migu-jax: {path} has no get_config() function returning the settings.")
   config = module.get_config()

@@ -1,0 +1,18 @@
+"""Learning-rate sweep of SeqFT and MIGU on order 1 (MiniLM, CPU scale, seeds 0-2), so MIGU is compared
+with the best-tuned baseline (the paper: FT at lr 3e-5 beats the FT it compares MIGU with).
+
+Command: ``.venv/bin/python experiments/reproduce.py lr_sweep`` (lr 3e-4 is the standard_order1 run).
+Results: experiments/RESULTS.md.
+"""
+
+from cpu_scale import cpu_scale
+
+RATES = (1e-4, 1e-3)
+
+
+def get_configs() -> dict:
+  return {f"lr_{lr:g}": cpu_scale(order="1", methods=("seqft", "migu"), learning_rate=lr) for lr in RATES}
+
+
+def get_config():
+  return get_configs()["lr_0.0001"].replace(output_dir="runs/repro/lr_sweep/lr_0.0001")
