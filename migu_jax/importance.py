@@ -47,10 +47,13 @@ class Importance(NamedTuple):
   scores: Callable[[Any, Any, Any, Any], tuple[Any, Any]]
 
 
-def _per_output_feature(x: jax.Array, power: int = 1) -> jax.Array:
-  """``sum |x|**power`` over all axes but the last, in float32."""
+def _per_output_feature(x: jax.Array, power: int = 1, stacked_axes: int = 0) -> jax.Array:
+  """``sum |x|**power`` over all axes but the last and the ``stacked_axes`` leading (layer) ones, in
+  float32: ``[..., d_out]`` kernels give ``[d_out]``, a ``[L, d_in, d_out]`` stack with
+  ``stacked_axes=1`` gives ``[L, 1, d_out]`` (shaped like stacked magnitudes, broadcasting against it)."""
   x = jnp.abs(x.astype(jnp.float32)) ** power
-  return x.sum(axis=tuple(range(x.ndim - 1))) if x.ndim > 1 else x
+  axes = tuple(range(min(stacked_axes, x.ndim - 1), x.ndim - 1))
+  return x.sum(axis=axes, keepdims=bool(stacked_axes))
 
 
 def _no_state(params):
@@ -74,24 +77,28 @@ def output_magnitude() -> Importance:
   return Importance(_no_state, scores)
 
 
-def gradient_magnitude() -> Importance:
-  """``sum |g|`` per output feature: the gradient-based ablation of the paper."""
+def gradient_magnitude(stacked_axes: int = 0) -> Importance:
+  """``sum |g|`` per output feature: the gradient-based ablation of the paper.
+
+  ``stacked_axes``: leading axes of scanned (stacked) kernels kept apart, one score vector per layer, for
+  ``mask_by_importance(..., stacked_axes=...)``; the same for :func:`weight_magnitude` and :func:`fisher`.
+  """
 
   def scores(updates, state, params, magnitudes):
     del params, magnitudes
-    return jax.tree.map(_per_output_feature, updates), state
+    return jax.tree.map(lambda g: _per_output_feature(g, 1, stacked_axes), updates), state
 
   return Importance(_no_state, scores)
 
 
-def weight_magnitude() -> Importance:
+def weight_magnitude(stacked_axes: int = 0) -> Importance:
   """``sum |w|`` per output feature: the weight-based ablation of the paper."""
 
   def scores(updates, state, params, magnitudes):
     del updates, magnitudes
     if params is None:
       raise TypeError("weight_magnitude: update() needs params: tx.update(grads, state, params, ...).")
-    return jax.tree.map(_per_output_feature, params), state
+    return jax.tree.map(lambda w: _per_output_feature(w, 1, stacked_axes), params), state
 
   return Importance(_no_state, scores)
 
@@ -102,21 +109,22 @@ class FisherState(NamedTuple):
   fisher: Any
 
 
-def fisher(decay: float = 0.9) -> Importance:
+def fisher(decay: float = 0.9, stacked_axes: int = 0) -> Importance:
   """Diagonal Fisher information per output feature, averaged over recent steps.
 
   ``F_i <- decay * F_i + (1 - decay) * sum g[..., i]^2`` (an exponential moving
   average; scores are taken after this step's update). The state holds one
-  float32 vector per parameter, of its last axis' length.
+  float32 vector per parameter, of its last axis' length (per layer with ``stacked_axes``).
   """
 
   def init(params):
-    return FisherState(jax.tree.map(lambda p: jnp.zeros(p.shape[-1:], jnp.float32), params))
+    return FisherState(jax.tree.map(lambda p: _per_output_feature(jnp.zeros(p.shape, jnp.float32), 1, stacked_axes),
+                                    params))
 
   def scores(updates, state, params, magnitudes):
     del params, magnitudes
     new = jax.tree.map(
-        lambda f, g: decay * f + (1 - decay) * _per_output_feature(g, 2), state.fisher, updates
+        lambda f, g: decay * f + (1 - decay) * _per_output_feature(g, 2, stacked_axes), state.fisher, updates
     )
     return new, FisherState(new)
 

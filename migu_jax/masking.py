@@ -175,7 +175,9 @@ def _check_finite(named_scores: dict[str, jax.Array]) -> None:
 
 def _check_shape(where: str, m: jax.Array, kernel_shape: tuple[int, ...]) -> None:
   tail = kernel_shape[len(kernel_shape) - m.ndim :] if m.ndim else ()
-  if m.ndim > len(kernel_shape) or any(a not in (1, b) for a, b in zip(m.shape, tail)):
+  # Axes of size 1 broadcast (a kernel's input axes), but a single number selects no output feature.
+  single = m.size == 1 and kernel_shape and kernel_shape[-1] > 1
+  if single or m.ndim > len(kernel_shape) or any(a not in (1, b) for a, b in zip(m.shape, tail)):
     raise ValueError(
         f"mask_by_magnitude: the magnitudes of {where} have shape {m.shape}, which"
         f" does not match the output axes of its kernel {kernel_shape}. Expected"
@@ -224,6 +226,14 @@ def layer_masks(
     _check_shape(name, s, update.shape)
     checked[name] = s
     if stacked_axes:
+      if s.ndim <= stacked_axes:
+        raise ValueError(
+            f"mask_by_magnitude: the scores of {name} have shape {s.shape}, with no"
+            f" output axis after the {stacked_axes} stacked (layer) axes, so every"
+            " layer's features would share one threshold. Capture them with"
+            " apply_with_magnitudes(..., stacked=True), or build the importance with"
+            f" stacked_axes={stacked_axes} (e.g. importance.gradient_magnitude(stacked_axes={stacked_axes}))."
+        )
       per_layer = s.reshape((-1,) + s.shape[stacked_axes:])
       keep = jax.vmap(lambda x: keep_mask(x, ratio, threshold=threshold))(per_layer)
       masks[path] = keep.reshape(s.shape)

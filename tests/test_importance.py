@@ -110,3 +110,18 @@ def test_every_builtin_source_masks_a_train_step_without_recompiling(name):
   kept = np.asarray(updates["block_0"]["up"]["kernel"] != 0).any(0)
   assert len(traces) == 1
   assert 0.2 < kept.mean() < 0.45, kept.mean()
+
+
+@pytest.mark.parametrize("source", ["gradient", "weight", "fisher"])
+def test_stacked_kernels_get_one_threshold_per_layer(source):
+  # A [layers=3, in=4, out=10] stack (nn.scan): each layer keeps its own top 30%, 3 of 10 features.
+  stack = {"layers": {"kernel": jax.random.normal(jax.random.key(0), (3, 4, 10))}}
+  grads = jax.tree.map(lambda w: w * jnp.arange(1.0, 11.0), stack)
+  tx = migu.mask_by_importance(0.7, importance.IMPORTANCES[source](stacked_axes=1), stacked_axes=1)
+  updates, _ = tx.update(grads, tx.init(stack), stack)
+  kept = np.asarray(jnp.any(updates["layers"]["kernel"] != 0, axis=1))  # [layers, out]
+  np.testing.assert_array_equal(kept.sum(axis=1), [3, 3, 3])
+  # Scores without the layer axis would share one threshold across layers: an error, not a silent no-op.
+  flat = migu.mask_by_importance(0.7, importance.IMPORTANCES[source](), stacked_axes=1)
+  with pytest.raises(ValueError, match="layers/kernel.*stacked_axes=1"):
+    flat.update(grads, flat.init(stack), stack)

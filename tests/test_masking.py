@@ -263,3 +263,11 @@ def test_transformation_can_be_built_inside_jit():
     return _update(tx, grads, mags)[0]
 
   update(grads, mags)
+
+
+@pytest.mark.parametrize("shape", [(), (1,)])
+def test_a_single_magnitude_for_a_layer_is_an_error_not_a_no_op(shape):
+  params, grads, mags = _grads_and_mags()
+  mags["block_0"]["down"]["kernel"] = jnp.ones(shape)
+  with pytest.raises(ValueError, match=r"block_0/down/kernel have shape"):
+    _update(migu.mask_by_magnitude(0.7), grads, mags)
