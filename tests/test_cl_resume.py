@@ -95,3 +95,15 @@ def test_resume_with_other_settings_is_refused(tiny_models, tmp_path):  # noqa: 
     runner.run_sequence(cfg.replace(learning_rate=0.1), "migu", 0)
   config = json.loads((runner.run_folder(cfg, "migu", 0) / "config.json").read_text())
   assert config["method"] == "migu" and np.isclose(config["learning_rate"], 3e-3)
+
+
+def test_resume_checks_settings_and_counts_later_added_ones_as_their_defaults(tmp_path):
+  from migu_jax.cl import runner
+
+  current = runner._identity(runner.Config(), "migu", 0)
+  older = {k: v for k, v in current.items() if k != "mask_targets"}  # written before the setting existed
+  runner._check_identity(older, current, tmp_path)
+  with pytest.raises(ValueError, match="mask_targets"):
+    runner._check_identity(older, runner._identity(runner.Config(mask_targets=("ffn",)), "migu", 0), tmp_path)
+  with pytest.raises(ValueError, match=r"learning_rate: 5e-05 -> 0.001"):
+    runner._check_identity(current, runner._identity(runner.Config(learning_rate=1e-3), "migu", 0), tmp_path)

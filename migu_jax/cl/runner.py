@@ -573,6 +573,10 @@ def _add_time(times: list, task: int, seconds: float) -> list:
 
 
 def _check_identity(saved: dict, current: dict, where: Path) -> None:
+  # A setting added to Config after the checkpoint was written counts as its default there.
+  defaults = {f.name: _json_ready(f.default) for f in dataclasses.fields(Config)
+              if f.default is not dataclasses.MISSING}
+  saved = {**{k: defaults[k] for k in current if k not in saved and k in defaults}, **saved}
   changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
   if changed:
     details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:6])
