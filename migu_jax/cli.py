@@ -162,6 +162,12 @@ def cmd_report(args) -> int:
   return 0
 
 
+def _method_names() -> list[str]:
+  from migu_jax.cl.methods import METHODS
+
+  return list(METHODS)
+
+
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="migu-jax", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
@@ -175,8 +181,7 @@ def parser() -> argparse.ArgumentParser:
   order = run.add_mutually_exclusive_group()
   order.add_argument("--order", help="built-in order 1-6 or comma-separated tasks")
   order.add_argument("--tasks", help="comma-separated task list (same as --order with names)")
-  run.add_argument("--methods", help="comma-separated, run side by side: seqft,migu,migu_strict,random,replay,"
-                                     "migu_replay,lora,migu_lora")
+  run.add_argument("--methods", help="comma-separated, run side by side: " + ",".join(_method_names()))
   run.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
   run.add_argument("--ratio", "-T", type=float, help="MIGU's T: fraction of output features frozen per layer")
   run.add_argument("--lr", type=float, help="learning rate (AdamW, constant)")
