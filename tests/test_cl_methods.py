@@ -98,3 +98,32 @@ def test_mask_targets_limit_the_mask_to_their_layers(tiny_models, tmp_path):  # 
   assert attn["params_sha256"] != base["params_sha256"]
   with pytest.raises(ValueError, match="mask_targets"):
     runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "bad", mask_targets=("attention[",)), "migu", 0)
+
+
+def test_warmup_schedule_rises_then_stays():
+  from migu_jax.cl import methods, runner
+
+  schedule = methods.SCHEDULES["warmup_constant"](runner.Config(learning_rate=1e-3, warmup_steps=4))
+  np.testing.assert_allclose([float(schedule(i)) for i in (0, 2, 4, 10)], [0.0, 5e-4, 1e-3, 1e-3], rtol=1e-6)
+
+
+def test_optimizer_state_is_reset_at_each_task_unless_asked_to_carry_it(tiny_models, tmp_path):  # noqa: F811
+  from migu_jax.cl import methods, runner
+
+  cfg = runner.Config(methods=("migu",))
+  method = methods.get_method("migu")
+  params = {"model": {"dense": {"kernel": jnp.ones((2, 3))}}, "head": {}}
+  tx = methods.make_optimizer(method, cfg)
+  moved = jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x, tx.init(params))
+
+  def moments(state):
+    return [x for x in jax.tree.leaves(state) if getattr(x, "shape", ()) == (2, 3)]
+
+  fresh = methods.start_task(method, cfg, tx, params, 1, moved)
+  carried = methods.start_task(method, cfg.replace(reset_optimizer=False), tx, params, 1, moved)
+  assert all(float(m.sum()) == 0 for m in moments(fresh))
+  assert all(float(m.sum()) == 6 for m in moments(carried))
+  assert methods.start_task(method, cfg.replace(reset_optimizer=False), tx, params, 0, moved) is not moved
+  base = runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "reset"), "migu", 0)
+  kept = runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "kept", reset_optimizer=False), "migu", 0)
+  assert kept["params_sha256"] != base["params_sha256"]

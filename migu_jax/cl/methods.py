@@ -240,8 +240,13 @@ MASKS: dict[str, Callable] = {
 
 SCHEDULES: dict[str, Callable[[Any], optax.Schedule]] = {
     "constant": lambda cfg: optax.constant_schedule(cfg.learning_rate),
+    "warmup_constant": lambda cfg: optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.learning_rate, max(1, cfg.warmup_steps)),
+         optax.constant_schedule(cfg.learning_rate)], [max(1, cfg.warmup_steps)]),
 }
-"""Learning-rate schedule name -> ``build(cfg)``; the reference trains with a constant rate."""
+"""Learning-rate schedule name -> ``build(cfg)``. The reference trains with a constant rate;
+``warmup_constant`` rises linearly from 0 over ``cfg.warmup_steps`` steps of each task, then stays.
+The step count lives in the optimizer state, so with ``cfg.reset_optimizer`` it restarts at every task."""
 
 
 def make_optimizer(method: Method, cfg, seed: int = 0) -> optax.GradientTransformationExtraArgs:
@@ -279,10 +284,12 @@ def set_hyperparam(opt_state, name: str, value):
   return jax.tree.map(update, opt_state, is_leaf=_is_injected)
 
 
-def start_task(method: Method, cfg, tx, params, task_index: int):
-  """A fresh optimizer state for a task (reset at every task, as the reference does); the mask is off on
-  the first task when ``cfg.first_task_unmasked``."""
-  state = tx.init(params)
+def start_task(method: Method, cfg, tx, params, task_index: int, state=None):
+  """The optimizer state a task starts with: fresh (``cfg.reset_optimizer``, as the reference does), or
+  the previous task's ``state`` carried on; the mask is off on the first task when
+  ``cfg.first_task_unmasked``."""
+  if state is None or task_index == 0 or getattr(cfg, "reset_optimizer", True):
+    state = tx.init(params)
   if method.mask is not None:
     state = set_hyperparam(state, "enabled", not (task_index == 0 and cfg.first_task_unmasked))
   return state

@@ -75,9 +75,11 @@ class Config:
   searched in kernel paths, see :data:`migu_jax.cl.methods.LAYER_TYPES`; empty: all), ``first_task_unmasked``, ``replay_fraction``, ``lora_rank``,
   ``lora_alpha``, ``lora_dropout``, ``lora_targets`` (substrings of module names; empty: every linear).
 
-  Optimization: AdamW (``learning_rate``, ``schedule``, ``weight_decay``, ``adam_b1/b2/eps``),
-  ``clip_norm`` (after the mask; None: off), ``batch_size``, ``micro_batches``, ``epochs``. The optimizer
-  state is reset at every task.
+  Optimization: AdamW (``learning_rate``, ``schedule`` (a name of
+  :data:`migu_jax.cl.methods.SCHEDULES`) with ``warmup_steps``, ``weight_decay``, ``adam_b1/b2/eps``),
+  ``clip_norm`` (after the mask; None: off), ``batch_size``, ``micro_batches``, ``epochs``,
+  ``reset_optimizer`` (a fresh optimizer state at every task, as the reference; False carries the
+  moments and step count over).
 
   Run: ``output_dir``, ``checkpoint_every`` (steps), ``keep_checkpoints``, ``magnitude_batches`` (batches
   per task whose magnitudes are kept for the plots), ``progress`` (tqdm bars).
@@ -114,6 +116,8 @@ class Config:
   lora_targets: tuple[str, ...] = ("query", "value")
   learning_rate: float = 5e-5
   schedule: str = "constant"
+  warmup_steps: int = 0
+  reset_optimizer: bool = True
   weight_decay: float = 0.0
   adam_b1: float = 0.9
   adam_b2: float = 0.999
@@ -514,7 +518,7 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
     examples = methods_lib.training_examples(method, cfg, tasks, t, seed)
     total = methods_lib.steps_per_epoch(len(examples), cfg.batch_size) * cfg.epochs
     if meta["step"] == 0:
-      opt_state = placed.place(methods_lib.start_task(method, cfg, tx, params, t))
+      opt_state = placed.place(methods_lib.start_task(method, cfg, tx, params, t, opt_state))
       meta["losses"].append([])
     start = time.perf_counter()
     desc = f"{method_name} seed {seed} task {t + 1}/{len(tasks)} {tasks[t].name}"
