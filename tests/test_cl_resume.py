@@ -107,3 +107,22 @@ def test_resume_checks_settings_and_counts_later_added_ones_as_their_defaults(tm
     runner._check_identity(older, runner._identity(runner.Config(mask_targets=("ffn",)), "migu", 0), tmp_path)
   with pytest.raises(ValueError, match=r"learning_rate: 5e-05 -> 0.001"):
     runner._check_identity(current, runner._identity(runner.Config(learning_rate=1e-3), "migu", 0), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["random", "fisher_mask", "migu_lora", "migu_replay"])
+def test_methods_with_more_state_resume_bit_identical(tiny_models, tmp_path, method):  # noqa: F811
+  # The random mask's PRNG key, Fisher's moving averages, LoRA factors and the replay mix all travel
+  # through the checkpoint: killed in the middle of a later task, the run ends as if never stopped.
+  from migu_jax.cl import runner
+
+  def config(folder):
+    return tiny_config(tiny_models["bert"], folder, methods=(method,), checkpoint_every=2, magnitude_batches=0,
+                       epochs=2, replay_fraction=0.25)
+
+  whole = runner.run_sequence(config(tmp_path / "whole"), method, 0)
+  cfg = config(tmp_path / "killed")
+  with pytest.raises(Killed):
+    runner.run_sequence(cfg, method, 0, callbacks=[_kill_at(1, 1)])
+  resumed = runner.run_sequence(cfg, method, 0)
+  assert resumed["params_sha256"] == whole["params_sha256"]
+  assert resumed["matrix"] == whole["matrix"]

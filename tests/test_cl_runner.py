@@ -109,7 +109,7 @@ def test_three_tasks_give_full_matrix_and_metrics(tiny_models, tmp_path):
   assert (tmp_path / "plots" / "overlap.png").exists() and (tmp_path / "plots" / "magnitudes_initial.png").exists()
 
 
-@pytest.mark.parametrize("method", ["replay", "lora", "migu_lora", "random", "migu_strict"])
+@pytest.mark.parametrize("method", ["replay", "migu_replay", "lora", "migu_lora", "random", "migu_strict"])
 def test_method_variants_run(tiny_models, tmp_path, method):
   from migu_jax.cl import runner
 

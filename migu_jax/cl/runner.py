@@ -72,8 +72,9 @@ class Config:
   ``ratio`` (MIGU's T), ``exact_count``, ``threshold`` (a rule of :data:`migu_jax.THRESHOLDS`;
   ``exact_count`` means ``"top_k"``), ``padding_aware`` (padded positions do not count in the
   magnitudes), ``mask_targets`` (the layers masked: ``("attention",)``, ``("ffn",)`` or regular expressions
-  searched in kernel paths, see :data:`migu_jax.cl.methods.LAYER_TYPES`; empty: all), ``first_task_unmasked``, ``replay_fraction``, ``lora_rank``,
-  ``lora_alpha``, ``lora_dropout``, ``lora_targets`` (substrings of module names; empty: every linear).
+  searched in kernel paths, see :data:`migu_jax.cl.methods.LAYER_TYPES`; empty: all),
+  ``first_task_unmasked``, ``replay_fraction``, ``lora_rank``, ``lora_alpha``, ``lora_dropout``,
+  ``lora_targets`` (substrings of module names; empty: every linear).
 
   Optimization: AdamW (``learning_rate``, ``schedule`` (a name of
   :data:`migu_jax.cl.methods.SCHEDULES`) with ``warmup_steps``, ``weight_decay``, ``adam_b1/b2/eps``),
