@@ -1,4 +1,4 @@
-"""Layer-type ablation of MIGU on order 1 (MiniLM, CPU scale, seeds 0-2; the paper's Table 10): the mask
+"""Layer-type ablation of MIGU on order 1 (MiniLM, CPU scale, seeds 0-2): the mask
 on the attention projections only (query, key, value, out), on the feed-forward layers only
 (intermediate, output), or on all (the standard_order1 run). Unmasked layers keep their whole gradient.
 

@@ -1,4 +1,4 @@
-"""MIGU's T from 0.1 to 0.95 on order 1 (MiniLM, CPU scale, seeds 0-2; the paper's Figure 4).
+"""MIGU's T from 0.1 to 0.95 on order 1 (MiniLM, CPU scale, seeds 0-2).
 
 Command: ``.venv/bin/python experiments/reproduce.py ratio_sweep`` (T = 0.7 is the standard_order1 run;
 T = 0 would be SeqFT). Results: experiments/RESULTS.md.

@@ -1,5 +1,5 @@
 """Standard benchmark (orders 1-3), MiniLM at CPU scale: SeqFT, MIGU, random mask, replay, MIGU+replay,
-LoRA and MIGU+LoRA, seeds 0-2 (the paper's Tables 1-2 at small scale).
+LoRA and MIGU+LoRA, seeds 0-2 (the paper's standard-benchmark comparison at small scale).
 
 Commands (from the repository root)::
 
