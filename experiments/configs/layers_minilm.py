@@ -2,7 +2,9 @@
 on the attention projections only (query, key, value, out), on the feed-forward layers only
 (intermediate, output), or on all (the standard_order1 run). Unmasked layers keep their whole gradient.
 
-Command: ``.venv/bin/python experiments/reproduce.py layers``. Results: experiments/RESULTS.md.
+Command: ``.venv/bin/python experiments/reproduce.py layers``. Measured (2026-12-01, AA mean ± std over
+seeds 0-2): attention only 61.0 ± 3.9, feed-forward only 65.2 ± 3.1, all 65.0 ± 1.1, none (SeqFT)
+52.7 ± 3.1. Results: experiments/RESULTS.md.
 """
 
 from cpu_scale import cpu_scale

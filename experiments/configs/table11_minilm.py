@@ -3,7 +3,9 @@ magnitude, by weight magnitude, or by output magnitude (MIGU), against FT; plus 
 ranking and two other threshold rules of migu_jax (exact top-k, L1 mass) for MIGU.
 
 Command: ``.venv/bin/python experiments/reproduce.py table11`` (FT and MIGU are the standard_order1
-runs). Results: experiments/RESULTS.md.
+runs). Measured (2026-12-01, AA mean ± std over seeds 0-2): gradient 62.7 ± 1.7, weight 65.5 ± 1.6,
+Fisher 65.8 ± 3.0, MIGU 65.0 ± 1.1, FT 52.7 ± 3.1; MIGU with the L1-mass rule 62.5 ± 2.5.
+Results: experiments/RESULTS.md.
 """
 
 from cpu_scale import cpu_scale
