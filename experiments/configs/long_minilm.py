@@ -4,7 +4,7 @@ file here and are evaluated on a seeded held-out part of their training file.
 
 Command: ``.venv/bin/python experiments/reproduce.py long_order4 long_order5 long_order6``.
 Measured (2026-12-01, 2 CPU cores, about 3 minutes per run): order 4, AA SeqFT 49.3, MIGU 53.8 (one
-seed); orders 5 and 6 not run yet. Results: experiments/RESULTS.md.
+seed), order 5 SeqFT 40.2, MIGU 56.0; order 6 not run yet. Results: experiments/RESULTS.md.
 """
 
 from cpu_scale import cpu_scale
