@@ -104,21 +104,19 @@ def _stat(runs: list[dict], key: str) -> str:
   return f"{np.mean(values):.1f}" + (f" ± {np.std(values):.1f}" if len(values) > 1 else "")
 
 
-def _row(label: str, runs: list[dict], *extra: str) -> str:
+def _row(label: str, runs: list[dict]) -> str:
   if not runs:
-    return f"| {label} | not run | | | | | |" + " |" * len(extra)
+    return f"| {label} | not run | | | | | |"
   wall = np.mean([r["wall_time_s"]["total"] for r in runs])
   cells = [_stat(runs, k) for k in ("average_accuracy", "backward_transfer", "forward_transfer",
                                     "average_forgetting")]
-  return f"| {label} | " + " | ".join(cells + [str(len(runs)), f"{wall:.0f}", *extra]) + " |"
+  return f"| {label} | " + " | ".join(cells + [str(len(runs)), f"{wall:.0f}"]) + " |"
 
 
-def _table(title: str, rows: list[tuple[str, list[dict]]], extra_header: tuple[str, ...] = (),
-           extras: list[tuple[str, ...]] | None = None) -> list[str]:
-  head = ["AA", "BWT", "FWT", "Forgetting", "seeds", "s / run", *extra_header]
+def _table(title: str, rows: list[tuple[str, list[dict]]]) -> list[str]:
+  head = ["AA", "BWT", "FWT", "Forgetting", "seeds", "s / run"]
   lines = [f"### {title}", "", "| | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
-  for i, (label, runs) in enumerate(rows):
-    lines.append(_row(label, runs, *(extras[i] if extras else ())))
+  lines += [_row(label, runs) for label, runs in rows]
   return lines + [""]
 
 
