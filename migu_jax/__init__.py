@@ -22,6 +22,7 @@ from migu_jax.masking import MaskState
 from migu_jax.masking import StrictMaskState
 from migu_jax.masking import apply_masks
 from migu_jax.masking import is_kernel
+from migu_jax.masking import is_output_layer
 from migu_jax.masking import keep_mask
 from migu_jax.masking import kept_count
 from migu_jax.masking import layer_masks
@@ -46,6 +47,7 @@ __all__ = (
     "apply_masks",
     "apply_with_magnitudes",
     "is_kernel",
+    "is_output_layer",
     "keep_mask",
     "kept_count",
     "layer_masks",

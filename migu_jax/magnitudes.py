@@ -16,6 +16,12 @@ of length ``d_out`` for ``nn.Dense``, the ``features`` shape for
 ``nn.DenseGeneral``, and the kernel's output axes (size 1 where the kernel axis
 is contracted) for ``nn.Einsum``. A layer called several times in one forward
 pass adds up.
+
+A tied output layer (``nn.Embed.attend``: logits read through the token
+embedding, as in Llama/SmolLM2 with ``tie_word_embeddings`` and T5 v1.0) is
+captured too, as the reference's ``lm_head`` hook sees it: its statistic is one
+number per vocabulary entry, at ``magnitudes[...]["embedding"]`` shaped
+``[vocab, 1]``, so the mask selects rows of the shared embedding matrix.
 """
 
 from __future__ import annotations
@@ -84,6 +90,11 @@ def output_statistic(module: nn.Module, y: jax.Array, args, kwargs) -> jax.Array
   return _sum_abs(y, (y.ndim - 1,))  # nn.Dense
 
 
+def tied_head_statistic(y: jax.Array) -> jax.Array:
+  """Statistic of an ``nn.Embed.attend`` output ``[..., vocab]``: ``[vocab, 1]``, one per embedding row."""
+  return _sum_abs(y, (y.ndim - 1,))[:, None]
+
+
 def _zeros_like(stat):
   return lambda: jnp.zeros(stat.shape, jnp.float32)
 
@@ -117,7 +128,8 @@ def _token_weights(token_mask, path: tuple[str, ...], y: jax.Array):
 
 
 def apply_with_magnitudes(
-    module: nn.Module, variables, *args, mutable=False, token_mask=None, stacked=False, **kwargs
+    module: nn.Module, variables, *args, mutable=False, token_mask=None, stacked=False,
+    tied_heads=True, **kwargs
 ):
   """Runs ``module.apply`` and returns its outputs with MIGU's output magnitudes.
 
@@ -138,6 +150,10 @@ def apply_with_magnitudes(
       real tokens), or a mapping from a module-path prefix to one (for an
       encoder-decoder: ``{"encoder": ..., "decoder": ...}``). Padded positions
       then do not count. None (the reference): every position counts.
+    stacked: return one statistic per layer of a scanned stack (see below).
+    tied_heads: capture ``nn.Embed.attend`` calls (a tied output layer) as a
+      ``[vocab, 1]`` statistic of the embedding (default, as the reference);
+      False leaves the embedding without a statistic, so it is never masked.
     **kwargs: keyword arguments of ``module.apply`` (``rngs``, ``method``, ...).
 
   Returns:
@@ -161,13 +177,17 @@ def apply_with_magnitudes(
   def interceptor(next_fun, call_args, call_kwargs, context):
     y = next_fun(*call_args, **call_kwargs)
     mod = context.module
-    if context.method_name != "__call__" or not isinstance(mod, LINEAR_MODULES):
+    if isinstance(mod, nn.Embed) and context.method_name == "attend" and tied_heads:
+      name, statistic = "embedding", lambda y: tied_head_statistic(y)
+    elif isinstance(mod, LINEAR_MODULES) and context.method_name == "__call__":
+      name, statistic = "kernel", lambda y: output_statistic(mod, y, call_args, call_kwargs)
+    else:
       return y
     path = tuple(mod.scope.path)
     weights = _token_weights(token_mask, path, y)
-    stat = output_statistic(mod, y if weights is None else y * weights, call_args, call_kwargs)
-    mod.sow(COLLECTION, "kernel", stat, init_fn=_zeros_like(stat), reduce_fn=jnp.add)
-    captured.add((path, stat.ndim, mod.variables["params"]["kernel"].ndim))
+    stat = statistic(y if weights is None else y * weights)
+    mod.sow(COLLECTION, name, stat, init_fn=_zeros_like(stat), reduce_fn=jnp.add)
+    captured.add((path, name, stat.ndim, mod.variables["params"][name].ndim))
     return y
 
   extra = [] if mutable is False else ([mutable] if isinstance(mutable, str) else list(mutable))
@@ -188,8 +208,8 @@ def _check_captured(captured, magnitudes, stacked: bool):
   their stacked kernels.
   """
   flat = traverse_util.flatten_dict(magnitudes) if magnitudes else {}
-  for path, ndim, kernel_ndim in sorted(captured):
-    stat = flat.get((*path, "kernel"))
+  for path, name, ndim, kernel_ndim in sorted(captured):
+    stat = flat.get((*path, name))
     where = "/".join(path) or "<root>"
     if stat is None:
       raise ValueError(
@@ -209,7 +229,7 @@ def _check_captured(captured, magnitudes, stacked: bool):
       )
     lead = stat.shape[: stat.ndim - ndim]
     if lead:
-      flat[(*path, "kernel")] = stat.reshape(lead + (1,) * (kernel_ndim - ndim) + stat.shape[len(lead) :])
+      flat[(*path, name)] = stat.reshape(lead + (1,) * (kernel_ndim - ndim) + stat.shape[len(lead) :])
   return traverse_util.unflatten_dict(flat) if flat else magnitudes
 
 

@@ -13,8 +13,9 @@ The ranking (``migu_jax.importance``) and the rule that turns it into a mask
 ``T`` (``ratio``) is the fraction frozen: ``T=0.7`` keeps about 30% of the
 output features of every layer. A Flax kernel is ``[in, out]``: an output
 feature is a slice of the kernel's output axes, so the mask broadcasts over the
-input axes. Only kernels are masked; biases, norms and embeddings keep their
-whole gradient.
+input axes. Only kernels are masked, and embeddings that serve as a tied output
+layer (by vocabulary row); biases, norms and input embeddings keep their whole
+gradient.
 """
 
 from __future__ import annotations
@@ -34,9 +35,21 @@ Where = Callable[[tuple[str, ...], jax.Array], bool]
 
 
 def is_kernel(path: tuple[str, ...], leaf: Any) -> bool:
-  """Default ``where``: every parameter named ``kernel`` (the linear layers)."""
+  """Every parameter named ``kernel`` (the linear layers): ``where`` that leaves tied embeddings out."""
   del leaf
   return bool(path) and path[-1] == "kernel"
+
+
+def is_output_layer(path: tuple[str, ...], leaf: Any) -> bool:
+  """Default ``where``: every kernel, and every embedding used as a tied output layer.
+
+  An ``embedding`` is masked only when the magnitudes have a statistic for it
+  (:func:`migu_jax.apply_with_magnitudes` captures ``nn.Embed.attend``, the
+  tied LM head); an embedding that only embeds inputs has none and keeps its
+  whole gradient.
+  """
+  del leaf
+  return bool(path) and path[-1] in ("kernel", "embedding")
 
 
 def _is_traced(x) -> bool:
@@ -202,7 +215,10 @@ def layer_masks(
     scores: per-output-feature scores, a tree like the magnitudes: the leaf at
       a kernel's path broadcasts against the kernel.
     ratio, threshold: as in :func:`keep_mask`.
-    where: ``where(path, leaf) -> bool``; default: leaves named ``kernel``.
+    where: ``where(path, leaf) -> bool``; default :func:`is_kernel`. With
+      :func:`is_output_layer`, ``embedding`` leaves that have scores (tied
+      output layers) are masked by row; a selected ``embedding`` without
+      scores is skipped.
     stacked_axes: the scores' leading axes that index separate layers (kernels
       stacked by ``nn.scan``/``nnx.scan``): each layer gets its own threshold.
 
@@ -216,6 +232,8 @@ def layer_masks(
     if update is None or not where(path, update):
       continue
     name = "/".join(path)
+    if path not in flat_scores and path[-1] == "embedding":
+      continue  # an input embedding: not an output layer (a tied head has a statistic)
     if path not in flat_scores:
       raise KeyError(
           f"mask_by_magnitude: no magnitudes for the kernel {name}. Compute the"
@@ -386,7 +404,9 @@ def mask_by_magnitude(
     axis_name: if set, average the magnitudes over this ``pmap`` axis first
       (``lax.pmean``), so that every replica applies the same mask.
     where: ``where(path, leaf) -> bool`` selects the parameters to mask;
-      default (None): every leaf named ``kernel``. Under
+      default (None): every leaf named ``kernel`` and every tied output
+      embedding (:func:`is_output_layer`); ``where=migu.is_kernel`` leaves
+      the embedding out. Under
       ``optax.inject_hyperparams`` pass it in ``static_args`` (optax would take
       a callable for a schedule).
     stacked_axes: for kernels stacked over layers (``nn.scan``/``nnx.scan``,
@@ -420,7 +440,7 @@ def mask_by_magnitude(
   """
   return mask_by_importance(
       ratio, importance_lib.output_magnitude(), threshold=_threshold(exact_count, threshold),
-      enabled=enabled, axis_name=axis_name, where=where, stacked_axes=stacked_axes,
+      enabled=enabled, axis_name=axis_name, where=where or is_output_layer, stacked_axes=stacked_axes,
   )
 
 
@@ -454,7 +474,7 @@ def strict_mask_by_magnitude(
   """
   return mask_by_importance(
       ratio, importance_lib.output_magnitude(), threshold=_threshold(exact_count, threshold),
-      enabled=enabled, axis_name=axis_name, where=where, stacked_axes=stacked_axes,
+      enabled=enabled, axis_name=axis_name, where=where or is_output_layer, stacked_axes=stacked_axes,
       optimizer=optimizer,
   )
 

@@ -91,6 +91,8 @@ class Task:
     test: evaluation records (from test.json/dev.json, or held out of train.json).
     test_is_heldout: True when ``test`` was carved out of train.json because the task has no test file.
     skipped: records dropped from the files because they have no gold label (``skip_labels``, e.g. MNLI's "-").
+    test_is_dev: True when ``test`` is a dev split carved out of the training records (for choosing
+      hyperparameters without looking at the test set), not the task's test set.
   """
 
   name: str
@@ -101,6 +103,7 @@ class Task:
   test: tuple[Record, ...]
   test_is_heldout: bool
   skipped: int = 0
+  test_is_dev: bool = False
 
 
 # The benchmark's task names (lower case) -> (category folder, task folder).
@@ -444,6 +447,29 @@ def split_heldout(records: Sequence[Record], split: HeldOutSplit = HeldOutSplit(
   return train, test
 
 
+def split_dev(records: Sequence[Record], n_per_class: int, seed: int = 0
+              ) -> tuple[tuple[Record, ...], tuple[Record, ...]]:
+  """Split records into ``(train, dev)``: ``n_per_class`` records of each label go to ``dev``.
+
+  The dev split is for choosing hyperparameters (the learning rate) without the test set; it is drawn
+  with its own stream of ``seed`` and leaves at least one record of each label for training.
+
+  Example:
+    >>> recs = [Record(str(i), "A" if i < 6 else "B") for i in range(10)]
+    >>> train, dev = split_dev(recs, 2, seed=0)
+    >>> len(train), len(dev), set(train).isdisjoint(dev), sorted(r.label for r in dev)
+    (6, 4, True, ['A', 'A', 'B', 'B'])
+  """
+  if n_per_class < 1:
+    raise DataError(f"dev_per_class must be >= 1, got {n_per_class}.")
+  rng = random.Random(f"dev-{seed}")
+  dev: set[int] = set()
+  for label, idx in sorted(_by_label(records).items()):
+    dev.update(rng.sample(idx, min(n_per_class, len(idx) - 1)))
+  return (tuple(r for i, r in enumerate(records) if i not in dev),
+          tuple(r for i, r in enumerate(records) if i in dev))
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading a task
 # --------------------------------------------------------------------------------------------------
@@ -451,7 +477,7 @@ def split_heldout(records: Sequence[Record], split: HeldOutSplit = HeldOutSplit(
 
 def load_task(data_dir: str | os.PathLike, name: str, *, split: HeldOutSplit = HeldOutSplit(),
               train_per_class: int | None = None, max_test: int | None = None, seed: int = 0,
-              skip_labels: Collection[str] = (NO_GOLD_LABEL,)) -> Task:
+              skip_labels: Collection[str] = (NO_GOLD_LABEL,), dev_per_class: int | None = None) -> Task:
   """Load, validate and (optionally) subsample one task.
 
   Reads ``<data_dir>/<category>/<task>/labels.json``, ``train.json`` and ``test.json`` (else ``dev.json``).
@@ -468,6 +494,9 @@ def load_task(data_dir: str | os.PathLike, name: str, *, split: HeldOutSplit = H
     skip_labels: labels that mark a record without a gold label; such records (unless the label is in
       labels.json) are dropped and counted in ``Task.skipped``. O-LoRA keeps MNLI's 131 "-" test records,
       which no model can answer, so its MNLI accuracy is ours times 7469/7600 (up to 1.7 points lower).
+    dev_per_class: if set, carve a dev split of this many records per label out of the training records
+      (:func:`split_dev`, before ``train_per_class`` sampling) and evaluate on it instead of the test set
+      (``Task.test_is_dev``): for choosing hyperparameters without the test set.
 
   Returns:
     The validated :class:`Task`.
@@ -488,9 +517,11 @@ def load_task(data_dir: str | os.PathLike, name: str, *, split: HeldOutSplit = H
   else:
     test, skipped_test = _read_records(test_file, labels, skip_labels)
     skipped += skipped_test
+  if dev_per_class is not None:
+    train, test = split_dev(train, dev_per_class, seed)
   if train_per_class is not None:
     train = sample_per_class(train, train_per_class, seed)
   if max_test is not None:
     test = sample_stratified(test, max_test, seed)
   return Task(name=ref.name, category=ref.category, folder=ref.folder, labels=labels, train=train, test=test,
-              test_is_heldout=test_file is None, skipped=skipped)
+              test_is_heldout=test_file is None, skipped=skipped, test_is_dev=dev_per_class is not None)

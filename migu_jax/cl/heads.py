@@ -15,17 +15,26 @@ The two language-model heads evaluate either by ``"options"`` (the option with t
 log-likelihood) or by ``"generate"`` (greedy decoding, exact match of the decoded text with the label);
 results record which (:attr:`Head.eval_mode`).
 
-A head turns examples into padded numpy batches (lengths rounded up to ``length_buckets`` so a run
-compiles a handful of shapes), and provides ``loss(forward, params, batch)`` for
+A head turns examples into padded numpy batches, and provides ``loss(forward, params, batch)`` for
 :func:`migu_jax.make_train_step`. ``forward(params, *args, rng=None)`` runs the model and
 returns ``(outputs, magnitudes)``; :mod:`migu_jax.cl.methods` builds it (plain fine-tuning or LoRA).
 Evaluation takes plain model parameters (LoRA merged) and is separate from training.
+
+Padding: training batches are padded to their longest row, rounded up to a multiple of ``pad_multiple``
+(``padding="longest"``, the reference pads to the longest row; the rounding keeps the number of compiled
+shapes small), or to the smallest of the fixed ``length_buckets`` (``padding="buckets"``). Evaluation
+batches always use the buckets. Padded positions count in MIGU's ``sum |y|`` as in the reference, unless
+the run is ``padding_aware``.
+
+Exact match (``eval_mode="generate"``) compares the decoded text and the label after the reference's
+normalisation (:func:`normalize_answer`: lower case, no punctuation, single spaces).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import string
 from collections.abc import Sequence
 
 import jax
@@ -51,8 +60,12 @@ class HeadConfig:
   Attributes:
     max_length: token budget of an input (prompt, or prompt + answer for causal LMs); the sentence is
       truncated first so the instruction, options and ``Answer:`` survive.
+    padding: training batches: ``"longest"`` (the longest row rounded up to ``pad_multiple``) or
+      ``"buckets"`` (``length_buckets``).
+    pad_multiple: the rounding of ``padding="longest"``.
     length_buckets: padded lengths; a batch is padded to the smallest bucket that holds its longest row
-      (``max_length`` is always a bucket).
+      (``max_length`` is always a bucket). Evaluation always pads to buckets.
+    copa_prompt: ``"reference"`` or ``"instruction"`` (see :func:`migu_jax.cl.prompts.build_prompt`).
     temperature: encoder head: initial temperature of the cosine scores.
     learn_temperature: encoder head: whether the temperature is trained.
     eval_mode: language-model heads: ``"options"`` or ``"generate"``.
@@ -61,7 +74,10 @@ class HeadConfig:
   """
 
   max_length: int = 128
+  padding: str = "longest"
+  pad_multiple: int = 8
   length_buckets: tuple[int, ...] = (32, 64, 96, 128)
+  copa_prompt: str = "reference"
   temperature: float = 0.05
   learn_temperature: bool = True
   eval_mode: str = "options"
@@ -69,11 +85,34 @@ class HeadConfig:
   max_new_tokens: int | None = None
 
 
+PADDINGS = ("longest", "buckets")
+
+
 def _bucket(n: int, cfg: HeadConfig) -> int:
   for b in sorted(set(cfg.length_buckets) | {cfg.max_length}):
     if n <= b:
       return b
   return cfg.max_length
+
+
+def _train_length(n: int, cfg: HeadConfig) -> int:
+  """Padded length of a training batch whose longest row has ``n`` tokens (see ``HeadConfig.padding``)."""
+  if cfg.padding == "buckets":
+    return _bucket(n, cfg)
+  rounded = -(-n // cfg.pad_multiple) * cfg.pad_multiple
+  return max(n, min(rounded, cfg.max_length))
+
+
+def normalize_answer(text: str) -> str:
+  """The reference's exact-match normalisation (SQuAD's, articles kept): lower case, punctuation removed,
+  whitespace collapsed.
+
+  Example:
+    >>> normalize_answer("  Science or  Technology.")
+    'science or technology'
+  """
+  text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+  return " ".join(text.split())
 
 
 def _pad(rows: Sequence[Sequence[int]], length: int, pad_id: int, *, left: bool = False):
@@ -106,11 +145,11 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
 class PromptCache:
   """Token ids of each task's prompt, the sentence truncated so the prompt fits a budget."""
 
-  def __init__(self, tokenizer, tasks: Sequence[Task]):
+  def __init__(self, tokenizer, tasks: Sequence[Task], copa: str = "reference"):
     self.tokenizer = tokenizer
     self.parts = []
     for task in tasks:
-      prefix, suffix = build_prompt(task, _SENTINEL).split(_SENTINEL)
+      prefix, suffix = build_prompt(task, _SENTINEL, copa=copa).split(_SENTINEL)
       self.parts.append((_tokens(tokenizer, prefix), _tokens(tokenizer, suffix)))
     self._cache: dict[tuple[int, str], list[int]] = {}
 
@@ -144,8 +183,11 @@ class Head:
     if tokenizer is None:
       raise ValueError(f"{type(self).__name__}: the model came without a tokenizer. Put the tokenizer files "
                        "(tokenizer.json / vocab.txt ...) in the model folder, or use a preset such as 'minilm'.")
+    if cfg.padding not in PADDINGS or cfg.pad_multiple < 1:
+      raise ValueError(f"padding={cfg.padding!r}, pad_multiple={cfg.pad_multiple}: choose padding from "
+                       f"{PADDINGS} and pad_multiple >= 1 (config.padding / config.pad_multiple).")
     self.model, self.tokenizer, self.tasks, self.cfg = model, tokenizer, list(tasks), cfg
-    self.prompts = PromptCache(tokenizer, tasks)
+    self.prompts = PromptCache(tokenizer, tasks, cfg.copa_prompt)
     self.pad_id = _pad_id(tokenizer)
     self.special_prefix, self.special_suffix = special_tokens(tokenizer)
     self.n_special = len(self.special_prefix) + len(self.special_suffix)
@@ -223,7 +265,7 @@ class EncoderOptionHead(Head):
 
   def train_batch(self, examples):
     rows = self._prompt_rows(examples)
-    ids, mask = _pad(rows, _bucket(max(map(len, rows)), self.cfg), self.pad_id)
+    ids, mask = _pad(rows, _train_length(max(map(len, rows)), self.cfg), self.pad_id)
     target = np.array([self._index[r.label] for _, r in examples], np.int32)
     return {"ids": ids, "mask": mask, "candidates": self._candidates(examples), "target": target}
 
@@ -320,7 +362,7 @@ class _LanguageModelHead(Head):
     return int(sum(labels[p] == r.label for p, r in zip(pred, records)))
 
   def _correct_by_generation(self, params, task_index, records, progress):
-    """Greedy decoding; exact match of the decoded text (stripped) with the label."""
+    """Greedy decoding; exact match of the decoded text with the label (:func:`normalize_answer`)."""
     n_new = self.cfg.max_new_tokens or self._max_answer(task_index)
     bs = self.cfg.eval_batch_size
     n_correct = 0
@@ -334,7 +376,7 @@ class _LanguageModelHead(Head):
         if self.eos_id is not None and self.eos_id in row:
           row = row[:row.index(self.eos_id)]
         text = self.tokenizer.decode(row, skip_special_tokens=True)
-        n_correct += int(text.strip() == r.label.strip())
+        n_correct += int(normalize_answer(text) == normalize_answer(r.label))
       if progress is not None:
         progress(n)
     return n_correct
@@ -376,15 +418,15 @@ class CausalLMHead(_LanguageModelHead):
       masks.append([0] * len(prompt) + [1] * len(answer))
     return rows, masks
 
-  def _batch(self, rows, masks):
-    length = _bucket(max(map(len, rows)), self.cfg)
+  def _batch(self, rows, masks, length_fn=_bucket):
+    length = length_fn(max(map(len, rows)), self.cfg)
     ids, mask = _pad(rows, length, self.pad_id)
     loss_mask, _ = _pad(masks, length, 0)
     return {"ids": ids, "mask": mask, "loss_mask": loss_mask}
 
   def train_batch(self, examples):
     rows, masks = self._rows([(t, r.sentence, self.answer(r.label)) for t, r in examples])
-    return self._batch(rows, masks)
+    return self._batch(rows, masks, _train_length)
 
   def loss(self, forward, params, batch, rng=None):
     logits, mags = forward(params, batch["ids"], batch["mask"], rng=rng)
@@ -433,11 +475,11 @@ class Seq2SeqHead(_LanguageModelHead):
     budget = self.cfg.max_length - self.n_special
     return self.with_special(self.prompts.prompt(task_index, sentence, budget))
 
-  def _batch(self, pairs):
+  def _batch(self, pairs, length_fn=_bucket):
     rows = [self._encoder_ids(t, s) for t, s, _ in pairs]
-    ids, mask = _pad(rows, _bucket(max(map(len, rows)), self.cfg), self.pad_id)
+    ids, mask = _pad(rows, length_fn(max(map(len, rows)), self.cfg), self.pad_id)
     answers = [a for _, _, a in pairs]
-    length = _bucket(max(map(len, answers)), self.cfg)
+    length = length_fn(max(map(len, answers)), self.cfg)
     targets, loss_mask = _pad(answers, length, self.pad_id)
     dec = [[self.start_id] + a[:-1] for a in answers]
     dec_ids, dec_mask = _pad(dec, length, self.pad_id)
@@ -445,7 +487,7 @@ class Seq2SeqHead(_LanguageModelHead):
             "loss_mask": loss_mask}
 
   def train_batch(self, examples):
-    return self._batch([(t, r.sentence, self.answer(r.label)) for t, r in examples])
+    return self._batch([(t, r.sentence, self.answer(r.label)) for t, r in examples], _train_length)
 
   def loss(self, forward, params, batch, rng=None):
     logits, mags = forward(params, batch["ids"], batch["mask"], batch["dec_ids"], batch["dec_mask"], rng=rng)

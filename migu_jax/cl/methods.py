@@ -80,12 +80,53 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
+def split_spec(spec: str) -> tuple[str, float | None]:
+  """``"migu@3e-4"`` -> ``("migu", 3e-4)``; a plain name has no learning rate of its own.
+
+  Example:
+    >>> split_spec("migu@3e-4"), split_spec("seqft")
+    (('migu', 0.0003), ('seqft', None))
+  """
+  name, _, rate = spec.partition("@")
+  if not rate:
+    return name, None
+  try:
+    value = float(rate)
+  except ValueError:
+    value = -1.0
+  if not value > 0:
+    raise ValueError(f"Method {spec!r}: {rate!r} after '@' is not a positive learning rate; write e.g. "
+                     "'migu@3e-4' (config.methods / --methods).")
+  return name, value
+
+
 def get_method(name: str) -> Method:
-  """The registered method ``name``; the error lists the known names."""
-  if name not in METHODS:
-    raise ValueError(f"Unknown method {name!r}. Known methods: {', '.join(METHODS)} "
+  """The registered method of ``name`` (a name, or ``"name@rate"``); the error lists the known names."""
+  base, _ = split_spec(name)
+  if base not in METHODS:
+    raise ValueError(f"Unknown method {base!r}. Known methods: {', '.join(METHODS)} "
                      "(config.methods / --methods; add new ones to migu_jax.cl.methods.METHODS).")
-  return METHODS[name]
+  return METHODS[base]
+
+
+def method_config(cfg, spec: str):
+  """The run config of method ``spec``: ``cfg`` with the learning rate of ``"name@rate"``, if given."""
+  _, rate = split_spec(spec)
+  return cfg if rate is None else cfg.replace(learning_rate=rate)
+
+
+REFERENCE_EPOCHS: dict[str, dict[str, int]] = {"5": {"wic": 2}, "6": {"mnli": 2}}
+"""Per-task epoch counts of the reference's scripts (``scripts/full_tuning/order_{5,6}.sh``): WiC trains 2
+epochs in order 5, MNLI 2 epochs in order 6; every other task ``cfg.epochs``."""
+
+
+def task_epochs(cfg, task_name: str) -> int:
+  """Epochs of task ``task_name``: ``cfg.task_epochs[task_name]``, else (``task_epochs`` None) the
+  reference's count for a built-in order, else ``cfg.epochs``."""
+  table = cfg.task_epochs
+  if table is None:
+    table = REFERENCE_EPOCHS.get(cfg.order, {}) if isinstance(cfg.order, str) else {}
+  return int(table.get(task_name, cfg.epochs))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,8 +151,8 @@ def token_mask(cfg, args):
   """
   if not getattr(cfg, "padding_aware", False):
     return None
-  if len(args) >= 4:
-    return {"encoder": args[1], "decoder": args[3], "lm_head": args[3]}
+  if len(args) >= 4:  # T5's tied head is the shared embedding's attend, on decoder positions
+    return {"encoder": args[1], "decoder": args[3], "lm_head": args[3], "shared": args[3]}
   return args[1]
 
 
@@ -154,6 +195,7 @@ LAYER_TYPES: dict[str, tuple[str, ...]] = {
     "all": (),
     "attention": (r"/(attention|self_attention|cross_attention)/",),
     "ffn": (r"/(intermediate|output|mlp)/",),
+    "head": (r"/lm_head/kernel$", r"/(embed|shared)/embedding$"),
 }
 """Named ``cfg.mask_targets`` for the layer-type ablation: attention projections or feed-forward layers
 of the BERT, Llama and T5 models of :mod:`migu_jax.models` ("all": every kernel)."""
@@ -174,11 +216,20 @@ def mask_patterns(cfg) -> tuple[str, ...]:
   return targets
 
 
-def _where(method: Method, patterns: tuple[str, ...] = ()) -> Callable[[tuple[str, ...], Any], bool]:
-  """Which leaves the mask acts on: the model's kernels, or the LoRA factors; with ``patterns``, only
-  those whose "/"-joined path matches one of them (the others keep their whole gradient)."""
+# Masks whose scores are shaped by the magnitudes, so a tied embedding's [vocab, 1] statistic selects rows.
+_ROW_MASKS = ("magnitude", "strict", "random")
+
+
+def _where(method: Method, patterns: tuple[str, ...] = (), tied_embedding: bool = True
+           ) -> Callable[[tuple[str, ...], Any], bool]:
+  """Which leaves the mask acts on: the model's kernels (and, for ``tied_embedding`` with a mask ranked by
+  the magnitudes, the embedding of a tied LM head, by vocabulary row), or the LoRA factors; with
+  ``patterns``, only those whose "/"-joined path matches one of them (the others keep their whole
+  gradient)."""
   if method.lora:
     base = lambda path, leaf: path[0] == "lora" and lora_lib.is_lora(path[1:], leaf)
+  elif tied_embedding and method.mask in _ROW_MASKS:
+    base = lambda path, leaf: path[0] == "model" and migu.is_output_layer(path, leaf)
   else:
     base = lambda path, leaf: path[0] == "model" and migu.is_kernel(path, leaf)
   if not patterns:
@@ -258,7 +309,8 @@ def make_optimizer(method: Method, cfg, seed: int = 0) -> optax.GradientTransfor
                            weight_decay=cfg.weight_decay))
   tx = optax.chain(*parts)
   if method.mask is not None:
-    tx = MASKS[method.mask](cfg, tx, _where(method, mask_patterns(cfg)), seed)
+    where = _where(method, mask_patterns(cfg), getattr(cfg, "mask_tied_embedding", True))
+    tx = MASKS[method.mask](cfg, tx, where, seed)
   if not method.lora:
     return optax.with_extra_args_support(tx)
 

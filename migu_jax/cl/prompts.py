@@ -12,10 +12,9 @@ Every example is shown to the model as::
 string. The instruction depends only on the category; the texts are those of the reference
 ``configs/instruction_config.json`` of O-LoRA and MIGU, each ending with a newline.
 
-.. warning::
-   The O-LoRA reference code shows COPA examples without instruction and options (only
-   ``"{sentence}\\nAnswer:"``; its sentences already say "Choose one between A and B"). Here every
-   category uses the same template, with the COPA instruction below.
+COPA is the exception, as in the reference code (O-LoRA and MIGU): its sentences already say "Choose one
+between A and B", so its prompt has no instruction and no option line (:data:`COPA_TEMPLATE`). With
+``copa="instruction"`` it takes the common template with the COPA instruction below instead.
 
 Example:
   >>> from types import SimpleNamespace
@@ -35,6 +34,11 @@ from collections.abc import Sequence
 from typing import Protocol
 
 PROMPT_TEMPLATE = "Task:{category}\nDataset:{task}\n{instruction}Option: {options} \n{sentence}\nAnswer:"
+
+COPA_TEMPLATE = "Task:{category}\nDataset:{task}\n{sentence}\nAnswer:"
+"""The reference's COPA prompt: no instruction, no option line."""
+
+COPA_STYLES = ("reference", "instruction")
 
 GENERIC_INSTRUCTION = "Choose one from the option.\n"
 
@@ -76,11 +80,22 @@ def instruction_for(category: str) -> str:
   return by_lower.get(category.lower(), GENERIC_INSTRUCTION)
 
 
-def build_prompt(task: PromptTask, sentence: str) -> str:
+def build_prompt(task: PromptTask, sentence: str, *, copa: str = "reference") -> str:
   """The model input for one example of ``task``: everything up to and including ``"Answer:"``.
 
   The target the model should produce is the label string itself (the runner decides on spacing and
-  end-of-sequence tokens).
+  end-of-sequence tokens). ``copa``: ``"reference"`` (COPA without instruction and options, as the
+  reference) or ``"instruction"`` (COPA in the common template).
+
+  Example:
+    >>> from types import SimpleNamespace
+    >>> copa = SimpleNamespace(category="COPA", folder="COPA", labels=("A", "B"))
+    >>> build_prompt(copa, "The man fell. Choose one between A and B.")
+    'Task:COPA\\nDataset:COPA\\nThe man fell. Choose one between A and B.\\nAnswer:'
   """
+  if copa not in COPA_STYLES:
+    raise ValueError(f"build_prompt: copa={copa!r}; choose one of {COPA_STYLES} (config.copa_prompt).")
+  if task.category.lower() == "copa" and copa == "reference":
+    return COPA_TEMPLATE.format(category=task.category, task=task.folder, sentence=sentence)
   return PROMPT_TEMPLATE.format(category=task.category, task=task.folder, instruction=instruction_for(task.category),
                                 options=", ".join(task.labels), sentence=sentence)

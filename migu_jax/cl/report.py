@@ -141,6 +141,12 @@ def markdown(results: dict) -> str:
     parts += [f"Tasks evaluated on a held-out part of train.json (no test file): "
               f"{', '.join(results['heldout_tasks'])}.", ""]
   parts += [comparison_table(results["comparison"]), ""]
+  if results.get("tuning"):
+    t = results["tuning"]
+    parts += [f"Learning rates chosen on a dev split ({t['dev_per_class']} training records per label held out, "
+              f"seed {t['seed']}, not the test set): " + ", ".join(
+                  f"{m} {r:g}" for m, r in t["chosen"].items()) + f" (tried {', '.join(f'{r:g}' for r in t['rates'])}; "
+              f"`name@rate` rows at another rate use the config's fixed learning_rate).", ""]
   for run in results["runs"]:
     parts += [f"## {run['method']}, seed {run['seed']}", "", matrix_table(run), ""]
   return "\n".join(parts)

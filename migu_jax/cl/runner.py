@@ -48,6 +48,7 @@ from migu_jax.cl import checkpoint as ckpt_lib
 from migu_jax.cl import heads as heads_lib
 from migu_jax.cl import methods as methods_lib
 from migu_jax.cl import report as report_lib
+from migu_jax.cl import tune as tune_lib
 from migu_jax.cl.data import DataError, Task, load_task, resolve_data_dir, resolve_order
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -66,19 +67,35 @@ class Config:
   :class:`migu_jax.cl.heads.HeadConfig`).
 
   Data: ``data_dir`` (None: ``$MIGU_DATA_DIR``, else the shared copy next to the repository);
-  ``order`` (a built-in order "1".."6", or task names); ``train_per_class`` and ``max_test`` (None: all).
+  ``order`` (a built-in order "1".."6", or task names); ``train_per_class`` and ``max_test`` (None: all);
+  ``eval_split`` (``"test"``, or ``"dev"``: evaluate on ``dev_per_class`` records per label carved out of
+  each task's training records, for choosing the learning rate without the test set, see
+  :mod:`migu_jax.cl.tune`); ``copa_prompt`` (``"reference"``: COPA without instruction and options, as
+  the reference; ``"instruction"``); ``padding`` (training batches: ``"longest"`` row rounded up to
+  ``pad_multiple``, as the reference, or the fixed ``"buckets"``).
 
   Methods: ``methods`` (names from :data:`migu_jax.cl.methods.METHODS`, run side by side), ``seeds``,
   ``ratio`` (MIGU's T), ``exact_count``, ``threshold`` (a rule of :data:`migu_jax.THRESHOLDS`;
   ``exact_count`` means ``"top_k"``), ``padding_aware`` (padded positions do not count in the
   magnitudes), ``mask_targets`` (the layers masked: ``("attention",)``, ``("ffn",)`` or regular expressions
   searched in kernel paths, see :data:`migu_jax.cl.methods.LAYER_TYPES`; empty: all),
-  ``first_task_unmasked``, ``replay_fraction``, ``lora_rank``, ``lora_alpha``, ``lora_dropout``,
+  ``mask_tied_embedding`` (a tied LM head's embedding is masked by vocabulary row, as the reference's
+  shared ``lm_head`` weight; False leaves it unmasked), ``first_task_unmasked``, ``replay_fraction``, ``lora_rank``, ``lora_alpha``, ``lora_dropout``,
   ``lora_targets`` (substrings of module names; empty: every linear).
+
+  A method may carry its own learning rate as ``"name@rate"`` (``"migu@3e-4"``): its runs, folders and
+  report rows keep that name; plain names train at ``learning_rate``. With ``tune_rates`` (e.g.
+  ``(3e-5, 1e-4, 3e-4)``), :func:`run_experiment` first chooses each method's rate on the dev split (one
+  seed, ``tune_seed``; :mod:`migu_jax.cl.tune`), then runs each method at its chosen rate and, with
+  ``tune_keep_fixed``, at ``learning_rate`` too (the paper's fixed rate beside the tuned one).
 
   Optimization: AdamW (``learning_rate``, ``schedule`` (a name of
   :data:`migu_jax.cl.methods.SCHEDULES`) with ``warmup_steps``, ``weight_decay``, ``adam_b1/b2/eps``),
-  ``clip_norm`` (after the mask; None: off), ``batch_size``, ``micro_batches``, ``epochs``,
+  ``weight_decay`` is 0 by default, as the reference code (``run_uie_ft.py``); the paper's table lists
+  0.01. ``clip_norm`` (after the mask; None: off), ``batch_size``, ``micro_batches``, ``epochs``,
+  ``task_epochs`` (per-task epoch counts, ``{"wic": 2}``; None: the reference's, 2 epochs for WiC in order
+  5 and MNLI in order 6, :data:`migu_jax.cl.methods.REFERENCE_EPOCHS`), ``dropout`` (train with the
+  checkpoint's dropout rates, e.g. T5's 0.1; evaluation never drops),
   ``reset_optimizer`` (a fresh optimizer state at every task, as the reference; False carries the
   moments and step count over).
 
@@ -102,6 +119,12 @@ class Config:
   order: str | tuple[str, ...] = "1"
   train_per_class: int | None = 32
   max_test: int | None = 200
+  eval_split: str = "test"
+  dev_per_class: int = 16
+  tune_rates: tuple[float, ...] = ()
+  tune_seed: int | None = None
+  tune_keep_fixed: bool = True
+  copa_prompt: str = "reference"
   methods: tuple[str, ...] = ("seqft", "migu")
   seeds: tuple[int, ...] = (0,)
   ratio: float = 0.7
@@ -109,6 +132,7 @@ class Config:
   threshold: str = "quantile"
   padding_aware: bool = False
   mask_targets: tuple[str, ...] = ()
+  mask_tied_embedding: bool = True
   first_task_unmasked: bool = True
   replay_fraction: float = 0.02
   lora_rank: int = 8
@@ -127,7 +151,11 @@ class Config:
   batch_size: int = 16
   micro_batches: int = 1
   epochs: int = 1
+  task_epochs: dict[str, int] | None = None
+  dropout: bool = True
   max_length: int = 128
+  padding: str = "longest"
+  pad_multiple: int = 8
   length_buckets: tuple[int, ...] = (64, 96, 128)
   temperature: float = 0.05
   learn_temperature: bool = True
@@ -144,11 +172,16 @@ class Config:
   model_axis: str = "model"
 
   def __post_init__(self):
-    for name in ("methods", "seeds", "length_buckets", "lora_targets", "mask_targets"):
+    for name in ("methods", "seeds", "length_buckets", "lora_targets", "mask_targets", "tune_rates"):
       value = getattr(self, name)
-      if isinstance(value, (str, int)):
+      if isinstance(value, (str, int, float)):
         value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else [value]
-      setattr(self, name, tuple(int(v) for v in value) if name in ("seeds", "length_buckets") else tuple(value))
+      cast = {"seeds": int, "length_buckets": int, "tune_rates": float}.get(name)
+      setattr(self, name, tuple(cast(v) for v in value) if cast else tuple(value))
+    if self.task_epochs is not None:
+      self.task_epochs = {str(k): int(v) for k, v in dict(self.task_epochs).items()}
+      if any(v < 1 for v in self.task_epochs.values()):
+        raise ValueError(f"Config.task_epochs={self.task_epochs!r}: every count must be >= 1.")
     if not isinstance(self.order, str):
       self.order = tuple(self.order)
     for name in ("batch_size", "micro_batches", "epochs", "max_length", "eval_batch_size", "checkpoint_every"):
@@ -159,6 +192,11 @@ class Config:
                        f"{self.micro_batches}; choose a batch size that is a multiple of it.")
     if not 0.0 <= self.ratio < 1.0:
       raise ValueError(f"Config.ratio={self.ratio} (MIGU's T) must be in [0, 1); 0.7 keeps 30% of each layer.")
+    if self.eval_split not in ("test", "dev"):
+      raise ValueError(f"Config.eval_split={self.eval_split!r}; expected 'test' or 'dev' (a split of the "
+                       "training records, for tuning).")
+    if self.padding not in heads_lib.PADDINGS:
+      raise ValueError(f"Config.padding={self.padding!r}; choose one of {heads_lib.PADDINGS}.")
     if not self.methods:
       raise ValueError("Config.methods is empty; name at least one of " + ", ".join(methods_lib.METHODS) + ".")
     if not self.seeds:
@@ -194,6 +232,8 @@ class Config:
 
   def head_config(self) -> heads_lib.HeadConfig:
     return heads_lib.HeadConfig(max_length=self.max_length, length_buckets=self.length_buckets,
+                                padding=self.padding, pad_multiple=self.pad_multiple,
+                                copa_prompt=self.copa_prompt,
                                 temperature=self.temperature, learn_temperature=self.learn_temperature,
                                 eval_mode=self.eval_mode, eval_batch_size=self.eval_batch_size,
                                 max_new_tokens=self.max_new_tokens)
@@ -201,7 +241,8 @@ class Config:
 
 # Settings a resumed run must share with the checkpoint it resumes (the rest only affect bookkeeping).
 _RUN_ONLY = ("output_dir", "progress", "methods", "seeds", "checkpoint_every", "keep_checkpoints",
-             "magnitude_batches", "mode", "mesh_shape", "data_axis", "model_axis")
+             "magnitude_batches", "mode", "mesh_shape", "data_axis", "model_axis", "tune_rates", "tune_seed",
+             "tune_keep_fixed")
 
 
 def _json_ready(value):
@@ -237,8 +278,9 @@ def data_dir(cfg: Config) -> Path:
 def load_tasks(cfg: Config, seed: int) -> list[Task]:
   """The tasks of ``cfg.order``, subsampled (train per class, max test) with ``seed``."""
   root = data_dir(cfg)
-  return [load_task(root, name, train_per_class=cfg.train_per_class, max_test=cfg.max_test, seed=seed)
-          for name in resolve_order(cfg.order)]
+  dev = cfg.dev_per_class if cfg.eval_split == "dev" else None
+  return [load_task(root, name, train_per_class=cfg.train_per_class, max_test=cfg.max_test, seed=seed,
+                    dev_per_class=dev) for name in resolve_order(cfg.order)]
 
 
 @functools.lru_cache(maxsize=2)
@@ -315,7 +357,7 @@ Callback = Callable[[str, dict], None]
 
 _CACHE: dict[tuple, Any] = {}
 _HEAD_KEYS = ("model", "head", "eval_mode", "order", "max_length", "length_buckets", "temperature",
-              "learn_temperature", "eval_batch_size", "max_new_tokens")
+              "learn_temperature", "eval_batch_size", "max_new_tokens", "padding", "pad_multiple", "copa_prompt")
 
 
 def _cached(key: tuple, build: Callable[[], Any]):
@@ -472,6 +514,7 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
     ``<output_dir>/<method>/seed_<seed>/``.
   """
   method = methods_lib.get_method(method_name)
+  cfg = methods_lib.method_config(cfg, method_name)
   folder = run_folder(cfg, method_name, seed)
   folder.mkdir(parents=True, exist_ok=True)
   identity = _identity(cfg, method_name, seed)
@@ -517,7 +560,7 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
 
   for t in range(meta["task"], len(tasks)):
     examples = methods_lib.training_examples(method, cfg, tasks, t, seed)
-    total = methods_lib.steps_per_epoch(len(examples), cfg.batch_size) * cfg.epochs
+    total = methods_lib.steps_per_epoch(len(examples), cfg.batch_size) * methods_lib.task_epochs(cfg, tasks[t].name)
     if meta["step"] == 0:
       opt_state = placed.place(methods_lib.start_task(method, cfg, tx, params, t, opt_state))
       meta["losses"].append([])
@@ -594,7 +637,8 @@ def _initial_accuracies(cfg: Config, seed: int, head, params, tasks) -> list[flo
   and test sets (every method: LoRA starts with B = 0, and the head's temperature does not change argmax)."""
   values = {k: v for k, v in _identity(cfg, "", seed).items()
             if k in ("model", "head", "eval_mode", "data_dir", "order", "max_test", "max_length",
-                     "length_buckets", "eval_batch_size", "max_new_tokens", "seed", "train_per_class")}
+                     "length_buckets", "eval_batch_size", "max_new_tokens", "seed", "train_per_class",
+                     "eval_split", "dev_per_class", "copa_prompt")}
   path = Path(cfg.output_dir) / "initial" / f"{_fingerprint(values)}.json"
   if path.exists():
     return json.loads(path.read_text())["accuracies"]
@@ -657,9 +701,16 @@ def run_experiment(cfg: Config, *, callbacks: Sequence[Callback] = (), plots: bo
   out = Path(cfg.output_dir)
   out.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
+  tuning = None
+  if cfg.tune_rates:  # each method's learning rate chosen on dev first, then the real runs
+    tuning = tune_lib.choose_rates(cfg, functools.partial(run_experiment, callbacks=callbacks, plots=False))
+    fixed = cfg.learning_rate if cfg.tune_keep_fixed else None
+    cfg = cfg.replace(methods=tune_lib.tuned_methods(cfg.methods, tuning["chosen"], fixed), tune_rates=())
   runs = [run_sequence(cfg, m, s, callbacks=callbacks) for m in cfg.methods for s in cfg.seeds]
   results = report_lib.experiment_results(cfg.to_dict(), runs, wall_s=time.perf_counter() - start,
                                           data_dir=str(data_dir(cfg)))
+  if tuning is not None:
+    results["tuning"] = tuning
   if not is_writer():  # results, plots and logs come from process 0 only
     return results
   report_lib.write_results(out, results)
