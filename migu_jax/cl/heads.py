@@ -206,8 +206,9 @@ class Head:
   def loss(self, forward, params, batch):
     raise NotImplementedError
 
-  def correct(self, params, task_index: int, records: Sequence[Record], progress=None) -> int:
-    """How many of ``records`` (of task ``task_index``) the model answers correctly."""
+  def correct(self, params, task_index: int, records: Sequence[Record], progress=None, mode=None) -> int:
+    """How many of ``records`` (of task ``task_index``) the model answers correctly, evaluated by ``mode``
+    (default :attr:`eval_mode`; language-model heads also take the other of ``"options"``/``"generate"``)."""
     raise NotImplementedError
 
 
@@ -283,7 +284,9 @@ class EncoderOptionHead(Head):
     logits = jnp.where(batch["candidates"], logits, -1e9)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["target"]).mean(), mags
 
-  def correct(self, params, task_index, records, progress=None):
+  def correct(self, params, task_index, records, progress=None, mode=None):
+    if mode not in (None, "options"):
+      raise ValueError(f"The encoder head evaluates by 'options' only, not {mode!r} (config.also_eval).")
     labels = self._embed(params["model"], self.label_ids, self.label_mask)
     options = self.options[task_index]
     examples = [(task_index, r) for r in records]
@@ -339,9 +342,12 @@ class _LanguageModelHead(Head):
     tasks = self.tasks if task_index is None else [self.tasks[task_index]]
     return max(len(self.answer(label)) for t in tasks for label in t.labels)
 
-  def correct(self, params, task_index, records, progress=None):
-    mode = {"options": self._correct_by_options, "generate": self._correct_by_generation}[self.eval_mode]
-    return mode(params, task_index, records, progress)
+  def correct(self, params, task_index, records, progress=None, mode=None):
+    mode = mode or self.eval_mode
+    if mode not in self.EVAL_MODES:
+      raise ValueError(f"eval mode {mode!r} is not one of {sorted(self.EVAL_MODES)} ({type(self).__name__}).")
+    correct = {"options": self._correct_by_options, "generate": self._correct_by_generation}[mode]
+    return correct(params, task_index, records, progress)
 
   def _correct_by_options(self, params, task_index, records, progress):
     """Option scoring: the option whose tokens (without end-of-sequence) have the highest total log-likelihood."""

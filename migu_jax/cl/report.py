@@ -77,17 +77,21 @@ def run_result(method: str, seed: int, tasks, meta: dict, eval_mode: str) -> dic
                       "total": meta["initial_eval_s"] + sum(meta["train_s"]) + sum(meta["eval_s"])},
       "final_loss": [losses[-1] if losses else None for losses in meta["losses"]],
       "params_sha256": meta.get("params_sha256"),
+      "also": {m: {"initial": v["initial"], "matrix": v["rows"], "metrics": summarize(v["rows"], initial=v["initial"])}
+               for m, v in (meta.get("also") or {}).items()},
   })
 
 
-def comparison(runs: Sequence[dict]) -> dict:
-  """Per method: each metric's mean and standard deviation over seeds, and the seeds."""
+def comparison(runs: Sequence[dict], mode: str | None = None) -> dict:
+  """Per method: each metric's mean and standard deviation over seeds, and the seeds (``mode``: the
+  metrics of that extra evaluation mode, ``run["also"][mode]``)."""
   out = {}
   for method in dict.fromkeys(r["method"] for r in runs):
     mine = [r for r in runs if r["method"] == method]
     row = {"seeds": [r["seed"] for r in mine]}
     for key, _ in METRICS:
-      values = [r["metrics"][key] for r in mine if r["metrics"][key] is not None]
+      metrics = [r["metrics"] if mode is None else r["also"][mode]["metrics"] for r in mine]
+      values = [m[key] for m in metrics if m[key] is not None]
       row[key] = float(np.mean(values)) if values else None
       row[key + "_std"] = float(np.std(values)) if len(values) > 1 else None
     out[method] = row
@@ -99,7 +103,8 @@ def experiment_results(config: dict, runs: Sequence[dict], *, wall_s: float, dat
   return _clean({"config": config, "data_dir": data_dir, "versions": versions(), "wall_time_s": wall_s,
                  "eval_mode": sorted({r["eval_mode"] for r in runs}),
                  "heldout_tasks": sorted({t for r in runs for t in r["heldout_tasks"]}),
-                 "runs": list(runs), "comparison": comparison(runs)})
+                 "runs": list(runs), "comparison": comparison(runs),
+                 "comparison_also": {m: comparison(runs, m) for m in sorted({m for r in runs for m in r.get("also", {})})}})
 
 
 def _pct(x) -> str:
@@ -141,6 +146,8 @@ def markdown(results: dict) -> str:
     parts += [f"Tasks evaluated on a held-out part of train.json (no test file): "
               f"{', '.join(results['heldout_tasks'])}.", ""]
   parts += [comparison_table(results["comparison"]), ""]
+  for mode, comp in (results.get("comparison_also") or {}).items():
+    parts += [f"Evaluated by {mode}:", "", comparison_table(comp), ""]
   if results.get("tuning"):
     t = results["tuning"]
     parts += [f"Learning rates chosen on a dev split ({t['dev_per_class']} training records per label held out, "

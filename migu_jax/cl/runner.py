@@ -62,7 +62,9 @@ class Config:
 
   Model and head: ``model`` (a preset such as ``"minilm"``, a local Hugging Face folder or a hub id);
   ``head`` (None: by model family, see :data:`migu_jax.cl.heads.DEFAULT_HEADS`); ``eval_mode``
-  (language-model heads: ``"options"`` or ``"generate"``); ``max_length``, ``length_buckets``,
+  (language-model heads: ``"options"`` or ``"generate"``, the matrix and metrics of the run);
+  ``also_eval`` (more evaluation modes, each with its own matrix and metrics under ``"also"`` in the
+  results, e.g. ``("options",)`` beside ``eval_mode="generate"``); ``max_length``, ``length_buckets``,
   ``temperature``, ``learn_temperature``, ``eval_batch_size``, ``max_new_tokens`` (see
   :class:`migu_jax.cl.heads.HeadConfig`).
 
@@ -115,6 +117,7 @@ class Config:
   model: str = "minilm"
   head: str | None = None
   eval_mode: str = "options"
+  also_eval: tuple[str, ...] = ()
   data_dir: str | None = None
   order: str | tuple[str, ...] = "1"
   train_per_class: int | None = 32
@@ -172,7 +175,7 @@ class Config:
   model_axis: str = "model"
 
   def __post_init__(self):
-    for name in ("methods", "seeds", "length_buckets", "lora_targets", "mask_targets", "tune_rates"):
+    for name in ("methods", "seeds", "length_buckets", "lora_targets", "mask_targets", "tune_rates", "also_eval"):
       value = getattr(self, name)
       if isinstance(value, (str, int, float)):
         value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else [value]
@@ -300,13 +303,14 @@ def _bar(cfg: Config, **kwargs):
   return tqdm(disable=not (cfg.progress and is_writer()), dynamic_ncols=True, leave=False, **kwargs)
 
 
-def evaluate(head: heads_lib.Head, params, tasks: Sequence[Task], *, cfg: Config, desc: str = "eval"
-             ) -> list[float]:
-  """Accuracy on the test set of every task, with plain ``{"model", "head"}`` parameters."""
+def evaluate(head: heads_lib.Head, params, tasks: Sequence[Task], *, cfg: Config, desc: str = "eval",
+             mode: str | None = None) -> list[float]:
+  """Accuracy on the test set of every task, with plain ``{"model", "head"}`` parameters (by ``mode``,
+  default the head's evaluation mode)."""
   row = []
   with _bar(cfg, total=sum(len(t.test) for t in tasks), desc=desc, unit="ex") as bar:
     for j, task in enumerate(tasks):
-      row.append(head.correct(params, j, task.test, progress=bar.update) / len(task.test))
+      row.append(head.correct(params, j, task.test, progress=bar.update, mode=mode) / len(task.test))
       bar.set_postfix_str(" ".join(f"{a:.2f}" for a in row))
   return row
 
@@ -531,7 +535,7 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
 
   checkpoints = ckpt_lib.RunCheckpoints(folder / "checkpoints", keep=cfg.keep_checkpoints)
   meta = {"identity": identity, "task": 0, "step": 0, "initial": None, "rows": [], "train_s": [],
-          "eval_s": [], "initial_eval_s": 0.0, "steps": [], "losses": []}
+          "eval_s": [], "initial_eval_s": 0.0, "steps": [], "losses": [], "also": {}}
   saved_meta = checkpoints.read_meta()
   if saved_meta is not None:
     _check_identity(saved_meta["identity"], identity, checkpoints.folder)
@@ -555,6 +559,8 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
           head, plain, [(j, r) for r in t.train], cfg, seed, cfg.magnitude_batches).items()})
     start = time.perf_counter()
     meta["initial"] = _initial_accuracies(cfg, seed, head, plain, tasks)
+    meta["also"] = {m: {"initial": _initial_accuracies(cfg, seed, head, plain, tasks, mode=m), "rows": []}
+                    for m in cfg.also_eval}
     meta["initial_eval_s"] = time.perf_counter() - start
     save()
 
@@ -595,6 +601,9 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
           head, plain, [(t, r) for r in tasks[t].train], cfg, seed, cfg.magnitude_batches))
     start = time.perf_counter()
     meta["rows"].append(evaluate(head, plain, tasks, cfg=cfg, desc=f"eval after {tasks[t].name}"))
+    for m in cfg.also_eval:
+      meta["also"][m]["rows"].append(evaluate(head, plain, tasks, cfg=cfg, mode=m,
+                                              desc=f"eval ({m}) after {tasks[t].name}"))
     meta["eval_s"].append(time.perf_counter() - start)
     meta["steps"].append(total)
     meta["task"], meta["step"] = t + 1, 0
@@ -632,17 +641,19 @@ def _check_identity(saved: dict, current: dict, where: Path) -> None:
                      "same settings, or choose another output_dir (--output).")
 
 
-def _initial_accuracies(cfg: Config, seed: int, head, params, tasks) -> list[float]:
+def _initial_accuracies(cfg: Config, seed: int, head, params, tasks, mode: str | None = None) -> list[float]:
   """The initial model's accuracies, shared by the runs of one output folder that start from the same model
   and test sets (every method: LoRA starts with B = 0, and the head's temperature does not change argmax)."""
   values = {k: v for k, v in _identity(cfg, "", seed).items()
             if k in ("model", "head", "eval_mode", "data_dir", "order", "max_test", "max_length",
                      "length_buckets", "eval_batch_size", "max_new_tokens", "seed", "train_per_class",
                      "eval_split", "dev_per_class", "copa_prompt")}
+  if mode is not None and mode != cfg.eval_mode:
+    values["eval_mode"] = mode
   path = Path(cfg.output_dir) / "initial" / f"{_fingerprint(values)}.json"
   if path.exists():
     return json.loads(path.read_text())["accuracies"]
-  row = evaluate(head, params, tasks, cfg=cfg, desc="eval initial model")
+  row = evaluate(head, params, tasks, cfg=cfg, desc="eval initial model", mode=mode)
   if is_writer():
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_json(path, {"settings": values, "accuracies": row})

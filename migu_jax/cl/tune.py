@@ -31,11 +31,13 @@ def rate_spec(method: str, rate: float) -> str:
 
 
 def dev_config(cfg):
-  """The tuning runs' config: every method at every rate of ``cfg.tune_rates``, on the dev split, one seed."""
+  """The tuning runs' config: every method at every rate of ``cfg.tune_rates``, on the dev split (at most 50
+  records per task, by the run's own evaluation mode only), one seed."""
   seed = cfg.seeds[0] if cfg.tune_seed is None else cfg.tune_seed
   specs = tuple(rate_spec(m, r) for m in cfg.methods for r in cfg.tune_rates)
-  return cfg.replace(methods=specs, seeds=(seed,), eval_split="dev", tune_rates=(),
-                     output_dir=str(Path(cfg.output_dir) / "tune"), magnitude_batches=0)
+  max_test = 50 if cfg.max_test is None else min(cfg.max_test, 50)
+  return cfg.replace(methods=specs, seeds=(seed,), eval_split="dev", tune_rates=(), also_eval=(),
+                     max_test=max_test, output_dir=str(Path(cfg.output_dir) / "tune"), magnitude_batches=0)
 
 
 def pick(scores: dict[float, float]) -> float:
