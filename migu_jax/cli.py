@@ -232,6 +232,24 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _default_show_warning = warnings.showwarning
 
 
+def quiet_after_error() -> None:
+  """Nothing more after an error message: orbax's background threads and asyncio loops, cut short by the
+  error, would otherwise log tracebacks while the interpreter shuts down ("Event loop is closed", "cannot
+  schedule new futures after interpreter shutdown"); the message already holds the cause."""
+  import logging
+
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  default = sys.unraisablehook
+
+  def hook(unraisable):
+    text = str(unraisable.exc_value)
+    if not (isinstance(unraisable.exc_value, RuntimeError) and ("Event loop is closed" in text
+                                                                or "cannot schedule new futures" in text)):
+      default(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def main(argv=None) -> int:
   """Runs a command; errors end as one message on stderr (exit code 2; a stop signal: 128 + its number)."""
   args = parser().parse_args(argv)
@@ -244,9 +262,11 @@ def main(argv=None) -> int:
       return args.func(args)
     except Preempted as e:
       print(f"migu-jax {args.command}: {e}", file=sys.stderr, flush=True)
+      quiet_after_error()
       return e.exit_code
     except (DataError, ValueError, FileNotFoundError, OutputLocked, CheckpointSaveError) as e:
       print(f"migu-jax {args.command}: error: {e}", file=sys.stderr, flush=True)
+      quiet_after_error()
       return 2
 
 

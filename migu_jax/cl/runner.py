@@ -524,9 +524,10 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
                                "key": key}, meta)
     for cb in callbacks:
       cb("saved", {"checkpoint": number, "task": meta["task"], "step": meta["step"]})
-    signum = faults.stop_requested()  # every save is a place to stop at
-    if signum:
-      where = f"{method_name} seed {seed}, {ckpt_lib.position(meta)} of {len(tasks)} tasks"
+    signum = faults.stop_requested()  # every save is a place to stop at (but the last: the run is done)
+    if signum and meta["task"] < len(tasks):
+      where = (f"{method_name} seed {seed}, task {meta['task'] + 1} of {len(tasks)} ({tasks[meta['task']].name}), "
+               f"step {meta['step']}")
       raise faults.preempted(signum, where, number, checkpoints.folder)
 
   if meta["initial"] is None:
