@@ -15,6 +15,10 @@
 Multi-process runs (a TPU pod slice): process 0 holds the lock for all and tells the others whether it got
 it; a stop request on any process stops every process after the same step (one scalar all-gather per
 step), so orbax's coordinated save sees every process.
+
+.. warning:: With several processes joined by ``jax.distributed.initialize()``, JAX's preemption service
+   takes SIGTERM before Python sees it (tested with two CPU processes): such a run keeps going on SIGTERM.
+   SIGINT, and SIGTERM to a one-process run, stop as described.
 """
 
 from __future__ import annotations
