@@ -10,7 +10,8 @@ Examples::
     migu-jax report runs/order1_minilm runs/order2_minilm
 
 A run started again with the same command resumes from its last checkpoint (an interrupted run reports
-nothing until it is complete). Flags override the values of ``--config``; ``--set key=value`` sets any
+nothing until it is complete). SIGTERM or Ctrl-C stops a run after the current step with a checkpoint there
+(exit code 143 or 130); a second process on the same output folder is refused (exit code 2). Flags override the values of ``--config``; ``--set key=value`` sets any
 other field of :class:`migu_jax.cl.runner.Config`.
 """
 
@@ -22,6 +23,7 @@ import importlib.util
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 # flag -> Config field (flags whose value is used as given, or parsed as a comma list / number).
@@ -217,14 +219,55 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+  """Fault warnings (a damaged checkpoint skipped, a stale lock taken over) as one line each."""
+  from migu_jax.cl.faults import FaultWarning
+
+  if issubclass(category, FaultWarning):
+    print(f"migu-jax: warning: {message}", file=sys.stderr if file is None else file, flush=True)
+  else:
+    _default_show_warning(message, category, filename, lineno, file, line)
+
+
+_default_show_warning = warnings.showwarning
+
+
+def quiet_after_error() -> None:
+  """Nothing more after an error message: orbax's background threads and asyncio loops, cut short by the
+  error, would otherwise log tracebacks while the interpreter shuts down ("Event loop is closed", "cannot
+  schedule new futures after interpreter shutdown"); the message already holds the cause."""
+  import logging
+
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  default = sys.unraisablehook
+
+  def hook(unraisable):
+    text = str(unraisable.exc_value)
+    if not (isinstance(unraisable.exc_value, RuntimeError) and ("Event loop is closed" in text
+                                                                or "cannot schedule new futures" in text)):
+      default(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def main(argv=None) -> int:
+  """Runs a command; errors end as one message on stderr (exit code 2; a stop signal: 128 + its number)."""
   args = parser().parse_args(argv)
+  from migu_jax.cl.checkpoint import CheckpointSaveError
   from migu_jax.cl.data import DataError
-  try:
-    return args.func(args)
-  except (DataError, ValueError, FileNotFoundError) as e:
-    print(f"migu-jax {args.command}: error: {e}", file=sys.stderr)
-    return 2
+  from migu_jax.cl.faults import OutputLocked, Preempted
+  with warnings.catch_warnings():
+    warnings.showwarning = _show_warning
+    try:
+      return args.func(args)
+    except Preempted as e:
+      print(f"migu-jax {args.command}: {e}", file=sys.stderr, flush=True)
+      quiet_after_error()
+      return e.exit_code
+    except (DataError, ValueError, FileNotFoundError, OutputLocked, CheckpointSaveError) as e:
+      print(f"migu-jax {args.command}: error: {e}", file=sys.stderr, flush=True)
+      quiet_after_error()
+      return 2
 
 
 if __name__ == "__main__":

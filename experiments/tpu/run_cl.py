@@ -16,6 +16,11 @@ Arguments are those of ``migu-jax run`` (``--config``, ``--output``, ``--set key
 Filestore mount, or a gcsfuse-mounted bucket): orbax writes each checkpoint from all processes, and a
 resumed run reads it back on all of them.
 
+Preemption: on one process, SIGTERM (or Ctrl-C) stops the run after the current step with a checkpoint
+there and exit code 143 (130); the same command resumes from that step. With several processes JAX's
+preemption service takes SIGTERM first (see the warning in :mod:`migu_jax.cl.faults`). Process 0 holds the
+output folder's lock for the job.
+
 On one machine with virtual CPU devices (what tests/test_tpu.py runs)::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/tpu/run_cl.py \\

@@ -17,7 +17,9 @@ Checkpoints are written after the initial evaluation, every ``checkpoint_every``
 task's evaluation. The data order is a pure function of ``(seed, task, epoch)``, so a run killed at any
 moment and started again with the same config continues from its last complete checkpoint and ends with
 the same accuracy matrix as an uninterrupted run (bit-identical on CPU). Results (``result.json``) are
-written only when a run is complete.
+written only when a run is complete. Faults (:mod:`migu_jax.cl.faults`): a run holds its output folder's
+lock; SIGTERM or SIGINT stops it after the current step with a checkpoint there (:class:`~migu_jax.cl.faults.Preempted`);
+a damaged newest checkpoint is skipped for the newest readable one.
 
 Example (a few minutes on CPU; the exact command of the main job is in experiments/configs/)::
 
@@ -28,6 +30,7 @@ Example (a few minutes on CPU; the exact command of the main job is in experimen
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -45,6 +48,7 @@ from flax import traverse_util
 
 import migu_jax as migu
 from migu_jax.cl import checkpoint as ckpt_lib
+from migu_jax.cl import faults
 from migu_jax.cl import heads as heads_lib
 from migu_jax.cl import methods as methods_lib
 from migu_jax.cl import report as report_lib
@@ -513,10 +517,28 @@ def run_folder(cfg: Config, method: str, seed: int) -> Path:
 def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequence[Callback] = ()) -> dict:
   """Trains ``method_name`` on the task sequence with ``seed``, resuming from the run's checkpoints.
 
+  The run holds the output folder's lock, and SIGTERM / SIGINT stop it after the current step with a
+  checkpoint there (see :mod:`migu_jax.cl.faults`).
+
   Returns:
     The run's result (see :func:`migu_jax.cl.report.run_result`), also written to ``result.json`` in
     ``<output_dir>/<method>/seed_<seed>/``.
+
+  Raises:
+    migu_jax.cl.faults.Preempted: a stop signal arrived; the checkpoint at the step reached is saved.
+    migu_jax.cl.faults.OutputLocked: another process writes to ``cfg.output_dir``.
   """
+  with contextlib.ExitStack() as guards:
+    guards.enter_context(faults.output_lock(cfg.output_dir))
+    guards.enter_context(faults.stop_signals())
+    checkpoints = guards.enter_context(ckpt_lib.RunCheckpoints(
+        run_folder(cfg, method_name, seed) / "checkpoints", keep=cfg.keep_checkpoints))
+    return _train_sequence(cfg, method_name, seed, checkpoints, callbacks)
+
+
+def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_lib.RunCheckpoints,
+                    callbacks: Sequence[Callback]) -> dict:
+  """The body of :func:`run_sequence`, inside its guards (lock, stop signals, open checkpoints)."""
   method = methods_lib.get_method(method_name)
   cfg = methods_lib.method_config(cfg, method_name)
   folder = run_folder(cfg, method_name, seed)
@@ -533,13 +555,13 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
   params = placed.place(params)
   opt_state = placed.place(methods_lib.start_task(method, cfg, tx, params, 0))
 
-  checkpoints = ckpt_lib.RunCheckpoints(folder / "checkpoints", keep=cfg.keep_checkpoints)
   meta = {"identity": identity, "task": 0, "step": 0, "initial": None, "rows": [], "train_s": [],
           "eval_s": [], "initial_eval_s": 0.0, "steps": [], "losses": [], "also": {}}
-  saved_meta = checkpoints.read_meta()
-  if saved_meta is not None:
-    _check_identity(saved_meta["identity"], identity, checkpoints.folder)
-    state, meta = checkpoints.restore({"params": params, "opt_state": opt_state, "key": key})
+  restored = checkpoints.restore({"params": params, "opt_state": opt_state, "key": key},
+                                 check_meta=lambda saved: _check_identity(saved["identity"], identity,
+                                                                          checkpoints.folder))
+  if restored is not None:
+    state, meta = restored
     params, opt_state = placed.place(state["params"]), placed.place(state["opt_state"])
   if is_writer():
     _write_json(folder / "config.json", identity)
@@ -549,6 +571,11 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
                                "key": key}, meta)
     for cb in callbacks:
       cb("saved", {"checkpoint": number, "task": meta["task"], "step": meta["step"]})
+    signum = faults.stop_requested()  # every save is a place to stop at (but the last: the run is done)
+    if signum and meta["task"] < len(tasks):
+      where = (f"{method_name} seed {seed}, task {meta['task'] + 1} of {len(tasks)} ({tasks[meta['task']].name}), "
+               f"step {meta['step']}")
+      raise faults.preempted(signum, where, number, checkpoints.folder)
 
   if meta["initial"] is None:
     plain = methods_lib.eval_params(method, cfg, placed.for_eval(params))
@@ -589,7 +616,7 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
         for cb in callbacks:
           cb("step", {"task": t, "step": k, "loss": loss})
         meta["step"] = k + 1
-        if meta["step"] % cfg.checkpoint_every == 0 and meta["step"] < total:
+        if (meta["step"] % cfg.checkpoint_every == 0 and meta["step"] < total) or faults.stop_requested():
           meta["train_s"] = _add_time(meta["train_s"], t, time.perf_counter() - start)
           start = time.perf_counter()
           save()
@@ -615,7 +642,6 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
     for cb in callbacks:
       cb("task_done", {"task": t, "row": meta["rows"][-1]})
 
-  checkpoints.close()
   meta["params_sha256"] = params_digest(placed.fetch(params))
   result = report_lib.run_result(method_name, seed, tasks, meta, head.eval_mode)
   if is_writer():
@@ -687,9 +713,8 @@ def evaluate_checkpoint(run_dir: str | os.PathLike, *, order=None, max_test: int
   head_key, lora_key = jax.random.split(jax.random.fold_in(key, 1))
   like = methods_lib.init_params(method, cfg, model_params, train_head.init(head_key), lora_key)
   tx = methods_lib.make_optimizer(method, cfg, seed)
-  checkpoints = ckpt_lib.RunCheckpoints(run_dir / "checkpoints")
-  restored = checkpoints.restore({"params": like, "opt_state": tx.init(like), "key": key})
-  checkpoints.close()
+  with ckpt_lib.RunCheckpoints(run_dir / "checkpoints") as checkpoints:
+    restored = checkpoints.restore({"params": like, "opt_state": tx.init(like), "key": key})
   if restored is None:
     raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no complete checkpoint yet.")
   state, meta = restored
@@ -712,6 +737,13 @@ def run_experiment(cfg: Config, *, callbacks: Sequence[Callback] = (), plots: bo
   out = Path(cfg.output_dir)
   out.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
+  with faults.output_lock(out), faults.stop_signals():  # held across every run, results and plots
+    return _run_all(cfg, callbacks, plots, start)
+
+
+def _run_all(cfg: Config, callbacks: Sequence[Callback], plots: bool, start: float) -> dict:
+  """The body of :func:`run_experiment`, holding the output folder."""
+  out = Path(cfg.output_dir)
   tuning = None
   if cfg.tune_rates:  # each method's learning rate chosen on dev first, then the real runs
     tuning = tune_lib.choose_rates(cfg, functools.partial(run_experiment, callbacks=callbacks, plots=False))
