@@ -49,11 +49,13 @@ def get_config() -> Config:
       methods=("seqft", "migu"),
       seeds=(0,),
       ratio=0.7,                 # MIGU's T: keep the top 30% output magnitudes of every linear layer
-      train_per_class=32,
-      max_test=150,
+      train_per_class=16,
+      max_test=100,
       epochs=1,
       batch_size=16,
-      learning_rate=3e-4,
+      learning_rate=1e-4,        # the paper's fixed rate, run beside each method's dev-chosen one
+      tune_rates=(3e-5, 1e-4, 3e-4),
+      dev_per_class=8,           # dev split carved from each task's training records (never the test set)
       max_length=128,
       length_buckets=(64, 96, 128),
       eval_batch_size=32,

@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -548,6 +549,9 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
   tasks = load_tasks(cfg, seed)
   model, model_params, _ = load_model(cfg.model)
   head = _head(cfg, tasks)
+  warning = heads_lib.rate_warning(head, cfg.schedule, cfg.learning_rate)
+  if warning and is_writer():
+    warnings.warn(f"{method_name} seed {seed}: {warning}", stacklevel=2)
   key = jax.random.key(seed)
   head_key, lora_key = jax.random.split(jax.random.fold_in(key, 1))
   params = methods_lib.init_params(method, cfg, model_params, head.init(head_key), lora_key)
