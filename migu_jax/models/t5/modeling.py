@@ -164,6 +164,11 @@ def relative_position_buckets(q_len: int, k_len: int, *, bidirectional: bool,
   return buckets + jnp.where(rel < max_exact, rel, far)
 
 
+def _dropout(cfg: Config, deterministic: bool):
+  """``x -> Dropout(cfg.dropout_rate)(x)``: identity when ``deterministic``."""
+  return lambda x: nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+
 class Attention(nn.Module):
   """T5 multi-head attention: unscaled scores + relative position bias."""
   config: Config
@@ -180,7 +185,7 @@ class Attention(nn.Module):
       scores = scores + bias
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-    probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=deterministic)
+    probs = _dropout(cfg, deterministic)(probs)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*x.shape[:-1], inner)
     return dense(cfg.d_model, "o")(out)
 
@@ -198,12 +203,7 @@ class FeedForward(nn.Module):
       h = act(dense(cfg.d_ff, "wi_0")(x)) * dense(cfg.d_ff, "wi_1")(x)
     else:
       h = act(dense(cfg.d_ff, "wi")(x))
-    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-    return dense(cfg.d_model, "wo")(h)
-
-
-def _dropout(cfg: Config, deterministic: bool):
-  return lambda x: nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    return dense(cfg.d_model, "wo")(_dropout(cfg, deterministic)(h))
 
 
 class EncoderLayer(nn.Module):
