@@ -35,7 +35,8 @@ def test_padding_aware_forward_passes_each_stack_its_mask():
   cfg = runner.Config(padding_aware=True)
   enc, dec = jnp.ones((2, 5)), jnp.zeros((2, 3))
   assert methods.token_mask(cfg, ("ids", enc)) is enc
-  assert methods.token_mask(cfg, ("ids", enc, "dec", dec)) == {"encoder": enc, "decoder": dec, "lm_head": dec}
+  assert methods.token_mask(cfg, ("ids", enc, "dec", dec)) == {"encoder": enc, "decoder": dec, "lm_head": dec,
+                                                                       "shared": dec}
   assert methods.token_mask(runner.Config(), ("ids", enc)) is None
 
 

@@ -5,7 +5,8 @@ A method is a small declarative record (:class:`Method`): which gradient mask it
 model. From it and the run config, the functions below build
 
 * the trainable tree: ``{"model": ..., "head": ...}`` (+ ``"lora"``; then ``"model"`` is frozen),
-* ``forward(params, *args, rng=None)`` -> ``(outputs, magnitudes)`` for the heads,
+* ``forward(params, *args, rng=None)`` -> ``(outputs, magnitudes)`` for the heads (dropout on when given an
+  ``rng`` and ``cfg.dropout``),
 * the optax transformation: ``[mask] -> clip_by_global_norm -> adamw`` (the mask first, so the clipping
   norm is that of the kept gradient), with the mask's ``enabled`` switch injected
   (``optax.inject_hyperparams``) so the first task trains unmasked and later tasks masked without
@@ -157,12 +158,19 @@ def token_mask(cfg, args):
 
 
 def make_forward(method: Method, cfg, model) -> Callable:
-  """``forward(params, *args, rng=None) -> (outputs, magnitudes)`` keyed like the trainable tree."""
+  """``forward(params, *args, rng=None) -> (outputs, magnitudes)`` keyed like the trainable tree.
+
+  Given an ``rng`` (training) and ``cfg.dropout``, the model runs with its checkpoint's dropout rates
+  (``deterministic=False``); without one (evaluation) it is deterministic. LoRA methods keep the frozen
+  model deterministic and drop only the adapters' input (``cfg.lora_dropout``).
+  """
   if not method.lora:
     def forward(params, *args, rng=None):
-      del rng
+      train = {}
+      if rng is not None and getattr(cfg, "dropout", True):
+        train = {"deterministic": False, "rngs": {"dropout": rng}}
       out, mags = migu.apply_with_magnitudes(model, {"params": params["model"]}, *args,
-                                             token_mask=token_mask(cfg, args))
+                                             token_mask=token_mask(cfg, args), **train)
       return out, {"model": mags}
     return forward
 

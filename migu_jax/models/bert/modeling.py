@@ -3,8 +3,8 @@
 Every Hugging Face ``nn.Linear`` is one ``nn.Dense`` here (query, key, value,
 attention output, intermediate, output, pooler), so MIGU can read each
 projection's output through ``flax.linen.intercept_methods``. Parameters stay
-float32; ``Config.dtype`` sets the compute dtype. Dropout is not modelled
-(the models are deterministic).
+float32; ``Config.dtype`` sets the compute dtype. Dropout sits where Hugging
+Face's does and runs only with ``deterministic=False`` and a "dropout" rng.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -41,7 +41,9 @@ class Config:
   ``model_type`` is "bert" or "roberta"; RoBERTa counts positions from
   ``pad_token_id + 1`` and skips padding tokens when numbering them.
   ``add_pooler`` adds the tanh pooler over the first token (then the model
-  returns ``(hidden_states, pooled)``). ``dtype`` is the compute dtype;
+  returns ``(hidden_states, pooled)``). ``hidden_dropout_prob`` drops the
+  embeddings and each sublayer's output, ``attention_probs_dropout_prob`` the
+  attention weights (training only). ``dtype`` is the compute dtype;
   ``remat`` recomputes each layer in the backward pass to save memory.
   """
   vocab_size: int = 30522
@@ -53,6 +55,8 @@ class Config:
   max_position_embeddings: int = 512
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
   pad_token_id: int = 0
   model_type: str = "bert"
   add_pooler: bool = False
@@ -105,18 +109,18 @@ class Config:
 
 
 class Embeddings(nn.Module):
-  """Word + position + token-type embeddings, then LayerNorm."""
+  """Word + position + token-type embeddings, then LayerNorm and dropout."""
   config: Config
 
   @nn.compact
-  def __call__(self, input_ids, token_type_ids, position_ids):
+  def __call__(self, input_ids, token_type_ids, position_ids, deterministic=True):
     cfg = self.config
     embed = lambda n, name: nn.Embed(n, cfg.hidden_size, name=name)
     x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
          + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
          + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="layer_norm")(x)
-    return x.astype(cfg.dtype)
+    return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic).astype(cfg.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -124,7 +128,7 @@ class SelfAttention(nn.Module):
   config: Config
 
   @nn.compact
-  def __call__(self, x, mask):
+  def __call__(self, x, mask, deterministic=True):
     cfg = self.config
     heads = cfg.num_attention_heads
     head_dim = cfg.hidden_size // heads
@@ -134,23 +138,30 @@ class SelfAttention(nn.Module):
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
     scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+    probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
     return dense("out")(out)
 
 
 class Layer(nn.Module):
-  """Post-LayerNorm transformer layer: attention, then feed-forward."""
+  """Post-LayerNorm transformer layer: attention, then feed-forward.
+
+  Each sublayer's output is dropped before the residual add and LayerNorm.
+  ``deterministic`` is positional so that ``nn.remat`` can keep it static.
+  """
   config: Config
 
   @nn.compact
-  def __call__(self, x, mask):
+  def __call__(self, x, mask, deterministic=True):
     cfg = self.config
     norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, name=name)
-    x = norm("attention_norm")(x + SelfAttention(cfg, name="attention")(x, mask))
+    drop = lambda h: nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+    h = SelfAttention(cfg, name="attention")(x, mask, deterministic)
+    x = norm("attention_norm")(x + drop(h))
     h = nn.Dense(cfg.intermediate_size, dtype=cfg.dtype, name="intermediate")(x)
     h = _ACTIVATIONS[cfg.hidden_act](h)
     h = nn.Dense(cfg.hidden_size, dtype=cfg.dtype, name="output")(h)
-    return norm("output_norm")(x + h)
+    return norm("output_norm")(x + drop(h))
 
 
 def roberta_position_ids(input_ids, pad_token_id: int):
@@ -164,12 +175,15 @@ class BertModel(nn.Module):
 
   With ``config.add_pooler`` it returns ``(hidden_states, pooled)`` where
   ``pooled = tanh(Dense(hidden_states[:, 0]))`` as in Hugging Face.
+  ``deterministic=False`` turns dropout on (training); it then needs a
+  "dropout" rng: ``model.apply(v, ids, mask, deterministic=False,
+  rngs={"dropout": key})``.
   """
   config: Config
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
-               position_ids=None):
+               position_ids=None, *, deterministic: bool = True):
     cfg = self.config
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -180,11 +194,12 @@ class BertModel(nn.Module):
         position_ids = roberta_position_ids(input_ids, cfg.pad_token_id)
       else:
         position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-    x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, position_ids)
+    x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, position_ids,
+                                           deterministic)
     mask = attention_mask.astype(bool)
-    layer_cls = nn.remat(Layer) if cfg.remat else Layer
+    layer_cls = nn.remat(Layer, static_argnums=(3,)) if cfg.remat else Layer
     for i in range(cfg.num_hidden_layers):
-      x = layer_cls(cfg, name=f"layers_{i}")(x, mask)
+      x = layer_cls(cfg, name=f"layers_{i}")(x, mask, deterministic)
     if not cfg.add_pooler:
       return x
     pooled = jnp.tanh(nn.Dense(cfg.hidden_size, dtype=cfg.dtype, name="pooler")(x[:, 0]))

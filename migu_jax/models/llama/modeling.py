@@ -4,7 +4,9 @@ Laid out like Hugging Face's ``LlamaForCausalLM``: q/k/v/o and gate/up/down
 projections are separate ``nn.Dense`` layers, so each torch ``Linear`` is one
 Flax kernel and MIGU sees every projection's output. RoPE is Hugging Face's
 rotate-half form. A tied lm head reads the embedding through ``embed.attend``.
-Parameters stay float32; ``Config.dtype`` is the compute dtype.
+Parameters stay float32; ``Config.dtype`` is the compute dtype. As in Hugging
+Face, the only dropout is on the attention weights (``attention_dropout``),
+run only with ``deterministic=False`` and a "dropout" rng.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -39,7 +41,9 @@ class Config:
 
   ``head_dim`` defaults to ``hidden_size // num_attention_heads``;
   ``num_key_value_heads < num_attention_heads`` gives grouped-query attention.
-  ``dtype`` is the compute dtype; ``remat`` recomputes layers in the backward.
+  ``attention_dropout`` drops attention weights in training (HF's only Llama
+  dropout). ``dtype`` is the compute dtype; ``remat`` recomputes layers in the
+  backward.
   """
   vocab_size: int = 32000
   hidden_size: int = 4096
@@ -52,6 +56,7 @@ class Config:
   max_position_embeddings: int = 2048
   rms_norm_eps: float = 1e-6
   rope_theta: float = 10000.0
+  attention_dropout: float = 0.0
   tie_word_embeddings: bool = False
   attention_bias: bool = False
   mlp_bias: bool = False
@@ -159,7 +164,7 @@ class Attention(nn.Module):
   config: Config
 
   @nn.compact
-  def __call__(self, x, mask, cos, sin, cache=None, cache_index=None):
+  def __call__(self, x, mask, cos, sin, cache=None, cache_index=None, deterministic=True):
     cfg = self.config
     hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     dense = lambda n, name: nn.Dense(n, use_bias=cfg.attention_bias, dtype=cfg.dtype, name=name)
@@ -178,6 +183,7 @@ class Attention(nn.Module):
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / jnp.sqrt(hd)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(cfg.dtype)).reshape(b, t, nq * hd)
     return dense(cfg.hidden_size, "o_proj")(out), cache
 
@@ -196,15 +202,18 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+  """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+  ``deterministic`` is positional so that ``nn.remat`` can keep it static.
+  """
   config: Config
 
   @nn.compact
-  def __call__(self, x, mask, cos, sin, cache=None, cache_index=None):
+  def __call__(self, x, mask, cos, sin, cache=None, cache_index=None, deterministic=True):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, name=name)
     h, cache = Attention(cfg, name="attention")(norm("input_norm")(x), mask, cos, sin,
-                                                cache, cache_index)
+                                                cache, cache_index, deterministic)
     x = x + h
     return x + MLP(cfg, name="mlp")(norm("post_attention_norm")(x)), cache
 
@@ -234,20 +243,23 @@ class LlamaForCausalLM(nn.Module):
   ``cache_index`` (where ``input_ids`` start in the buffer); then
   ``attention_mask`` is ``[B, S]`` over the whole buffer and the call returns
   ``(logits, new_cache)``.
+
+  ``deterministic=False`` turns attention dropout on (training); it then needs
+  a "dropout" rng: ``model.apply(v, ids, deterministic=False, rngs={"dropout": key})``.
   """
   config: Config
 
   def setup(self):
     cfg = self.config
     self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, name="embed")
-    layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+    layer_cls = nn.remat(DecoderLayer, static_argnums=(7,)) if cfg.remat else DecoderLayer
     self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
     self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="norm")
     if not cfg.tie_word_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head")
 
   def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None,
-                    cache_index=0):
+                    cache_index=0, *, deterministic: bool = True):
     """The final-norm hidden states ``[B, T, hidden_size]`` (and the cache, if given)."""
     cfg = self.config
     t = input_ids.shape[1]
@@ -260,14 +272,16 @@ class LlamaForCausalLM(nn.Module):
     x = self.embed(input_ids)
     new_cache = []
     for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, mask, cos, sin, None if cache is None else cache[i], cache_index)
+      x, layer_cache = layer(x, mask, cos, sin, None if cache is None else cache[i], cache_index,
+                             deterministic)
       new_cache.append(layer_cache)
     x = self.norm(x)
     return x if cache is None else (x, tuple(new_cache))
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None,
-               cache_index=0):
-    out = self.hidden_states(input_ids, attention_mask, position_ids, cache, cache_index)
+               cache_index=0, *, deterministic: bool = True):
+    out = self.hidden_states(input_ids, attention_mask, position_ids, cache, cache_index,
+                             deterministic=deterministic)
     x, cache = (out, None) if cache is None else out
     logits = self.embed.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
     return logits if cache is None else (logits, cache)

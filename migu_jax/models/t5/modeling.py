@@ -6,7 +6,9 @@ then ``wo``) are separate bias-free ``nn.Dense`` layers, so each torch
 Attention uses T5's bucketed relative position bias (computed once per stack,
 from the stack's first layer in HF) and no ``1/sqrt(d)`` scaling. The lm head
 is tied (``shared.attend``) or a separate ``lm_head``; v1.0 checkpoints scale
-the decoder output by ``d_model**-0.5`` before a tied head.
+the decoder output by ``d_model**-0.5`` before a tied head. Dropout
+(``dropout_rate``) sits where Hugging Face's does and runs only with
+``deterministic=False`` and a "dropout" rng.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -43,7 +45,10 @@ class Config:
   ``feed_forward_proj`` is "relu" (v1.0) or "gated-gelu" (v1.1 / Flan), or
   another "[gated-]act". ``tie_word_embeddings``: the lm head reuses the
   shared embedding. ``scale_decoder_outputs``: multiply the decoder output by
-  ``d_model**-0.5`` before the head (v1.0). ``dtype`` is the compute dtype.
+  ``d_model**-0.5`` before the head (v1.0). ``dropout_rate`` drops the
+  embeddings, attention weights, the feed-forward hidden units, each
+  sublayer's output and each stack's output (training only). ``dtype`` is the
+  compute dtype.
   """
   vocab_size: int = 32128
   d_model: int = 512
@@ -55,6 +60,7 @@ class Config:
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
+  dropout_rate: float = 0.1
   feed_forward_proj: str = "relu"
   tie_word_embeddings: bool = True
   scale_decoder_outputs: bool = True
@@ -158,12 +164,17 @@ def relative_position_buckets(q_len: int, k_len: int, *, bidirectional: bool,
   return buckets + jnp.where(rel < max_exact, rel, far)
 
 
+def _dropout(cfg: Config, deterministic: bool):
+  """``x -> Dropout(cfg.dropout_rate)(x)``: identity when ``deterministic``."""
+  return lambda x: nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+
 class Attention(nn.Module):
   """T5 multi-head attention: unscaled scores + relative position bias."""
   config: Config
 
   @nn.compact
-  def __call__(self, x, kv, bias, mask):
+  def __call__(self, x, kv, bias, mask, deterministic=True):
     cfg = self.config
     inner = cfg.num_heads * cfg.d_kv
     dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=cfg.dtype, name=name)
@@ -174,16 +185,17 @@ class Attention(nn.Module):
       scores = scores + bias
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+    probs = _dropout(cfg, deterministic)(probs)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*x.shape[:-1], inner)
     return dense(cfg.d_model, "o")(out)
 
 
 class FeedForward(nn.Module):
-  """``wo(act(wi(x)))`` or gated ``wo(act(wi_0(x)) * wi_1(x))``."""
+  """``wo(act(wi(x)))`` or gated ``wo(act(wi_0(x)) * wi_1(x))``, dropout before ``wo``."""
   config: Config
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, deterministic=True):
     cfg = self.config
     dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=cfg.dtype, name=name)
     act = _ACTIVATIONS[cfg.activation]
@@ -191,33 +203,40 @@ class FeedForward(nn.Module):
       h = act(dense(cfg.d_ff, "wi_0")(x)) * dense(cfg.d_ff, "wi_1")(x)
     else:
       h = act(dense(cfg.d_ff, "wi")(x))
-    return dense(cfg.d_model, "wo")(h)
+    return dense(cfg.d_model, "wo")(_dropout(cfg, deterministic)(h))
 
 
 class EncoderLayer(nn.Module):
+  """Pre-norm block; each sublayer's output is dropped before the residual add.
+
+  ``deterministic`` is positional so that ``nn.remat`` can keep it static.
+  """
   config: Config
 
   @nn.compact
-  def __call__(self, x, bias, mask):
+  def __call__(self, x, bias, mask, deterministic=True):
     cfg = self.config
     norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name=name)
+    drop = _dropout(cfg, deterministic)
     h = norm("attention_norm")(x)
-    x = x + Attention(cfg, name="attention")(h, h, bias, mask)
-    return x + FeedForward(cfg, name="mlp")(norm("mlp_norm")(x))
+    x = x + drop(Attention(cfg, name="attention")(h, h, bias, mask, deterministic))
+    return x + drop(FeedForward(cfg, name="mlp")(norm("mlp_norm")(x), deterministic))
 
 
 class DecoderLayer(nn.Module):
+  """Self-attention, cross-attention, feed-forward; dropout as in :class:`EncoderLayer`."""
   config: Config
 
   @nn.compact
-  def __call__(self, x, encoded, bias, self_mask, cross_mask):
+  def __call__(self, x, encoded, bias, self_mask, cross_mask, deterministic=True):
     cfg = self.config
     norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name=name)
+    drop = _dropout(cfg, deterministic)
     h = norm("self_attention_norm")(x)
-    x = x + Attention(cfg, name="self_attention")(h, h, bias, self_mask)
+    x = x + drop(Attention(cfg, name="self_attention")(h, h, bias, self_mask, deterministic))
     h = norm("cross_attention_norm")(x)
-    x = x + Attention(cfg, name="cross_attention")(h, encoded, None, cross_mask)
-    return x + FeedForward(cfg, name="mlp")(norm("mlp_norm")(x))
+    x = x + drop(Attention(cfg, name="cross_attention")(h, encoded, None, cross_mask, deterministic))
+    return x + drop(FeedForward(cfg, name="mlp")(norm("mlp_norm")(x), deterministic))
 
 
 class _PositionBias(nn.Module):
@@ -238,37 +257,44 @@ class _PositionBias(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Embedded tokens ``[B, T, d]`` + mask ``[B, T]`` -> encoded ``[B, T, d]``."""
+  """Embedded tokens ``[B, T, d]`` + mask ``[B, T]`` -> encoded ``[B, T, d]``.
+
+  The embeddings and the final norm's output are dropped (HF's ``T5Stack``).
+  """
   config: Config
 
   @nn.compact
-  def __call__(self, x, attention_mask):
+  def __call__(self, x, attention_mask, deterministic=True):
     cfg = self.config
+    drop = _dropout(cfg, deterministic)
     t = x.shape[1]
     bias = _PositionBias(cfg, True, name="position_bias")(t, t)
     mask = attention_mask.astype(bool)[:, None, None, :]
-    layer_cls = nn.remat(EncoderLayer) if cfg.remat else EncoderLayer
+    layer_cls = nn.remat(EncoderLayer, static_argnums=(4,)) if cfg.remat else EncoderLayer
+    x = drop(x)
     for i in range(cfg.num_layers):
-      x = layer_cls(cfg, name=f"layers_{i}")(x, bias, mask)
-    return LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="final_norm")(x)
+      x = layer_cls(cfg, name=f"layers_{i}")(x, bias, mask, deterministic)
+    return drop(LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="final_norm")(x))
 
 
 class Decoder(nn.Module):
-  """Embedded decoder tokens + encoder output -> final-norm hidden states."""
+  """Embedded decoder tokens + encoder output -> final-norm hidden states (dropout as the encoder)."""
   config: Config
 
   @nn.compact
-  def __call__(self, x, encoded, attention_mask, decoder_attention_mask):
+  def __call__(self, x, encoded, attention_mask, decoder_attention_mask, deterministic=True):
     cfg = self.config
+    drop = _dropout(cfg, deterministic)
     t = x.shape[1]
     bias = _PositionBias(cfg, False, name="position_bias")(t, t)
     causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
     self_mask = causal & decoder_attention_mask.astype(bool)[:, None, None, :]
     cross_mask = attention_mask.astype(bool)[:, None, None, :]
-    layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+    layer_cls = nn.remat(DecoderLayer, static_argnums=(6,)) if cfg.remat else DecoderLayer
+    x = drop(x)
     for i in range(cfg.num_decoder_layers):
-      x = layer_cls(cfg, name=f"layers_{i}")(x, encoded, bias, self_mask, cross_mask)
-    return LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="final_norm")(x)
+      x = layer_cls(cfg, name=f"layers_{i}")(x, encoded, bias, self_mask, cross_mask, deterministic)
+    return drop(LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="final_norm")(x))
 
 
 def shift_right(labels, decoder_start_token_id: int = 0, pad_token_id: int = 0):
@@ -291,6 +317,8 @@ class T5ForConditionalGeneration(nn.Module):
   ``encode`` and ``decode`` run the halves separately (for generation):
   ``model.apply(v, ids, mask, method="encode")`` and
   ``model.apply(v, decoder_ids, encoded, mask, method="decode")``.
+  ``deterministic=False`` turns dropout on (training); it then needs a
+  "dropout" rng: ``model.apply(v, ..., deterministic=False, rngs={"dropout": key})``.
   """
   config: Config
 
@@ -302,14 +330,14 @@ class T5ForConditionalGeneration(nn.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype)
 
-  def encode(self, input_ids, attention_mask=None):
+  def encode(self, input_ids, attention_mask=None, *, deterministic: bool = True):
     """Encoder hidden states ``[B, T, d_model]``."""
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    return self.encoder(self.shared(input_ids), attention_mask)
+    return self.encoder(self.shared(input_ids), attention_mask, deterministic)
 
   def decode(self, decoder_input_ids, encoded, attention_mask=None,
-             decoder_attention_mask=None):
+             decoder_attention_mask=None, *, deterministic: bool = True):
     """Logits ``[B, S, vocab]`` for decoder inputs given the encoder output."""
     cfg = self.config
     if attention_mask is None:
@@ -317,17 +345,18 @@ class T5ForConditionalGeneration(nn.Module):
     if decoder_attention_mask is None:
       decoder_attention_mask = jnp.ones(decoder_input_ids.shape, jnp.int32)
     x = self.decoder(self.shared(decoder_input_ids), encoded, attention_mask,
-                     decoder_attention_mask)
+                     decoder_attention_mask, deterministic)
     if cfg.scale_decoder_outputs:
       x = x * (cfg.d_model ** -0.5)
     return self.shared.attend(x) if cfg.tie_word_embeddings else self.lm_head(x)
 
   def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None,
-               decoder_attention_mask=None):
+               decoder_attention_mask=None, *, deterministic: bool = True):
     if decoder_input_ids is None:
       raise ValueError("T5ForConditionalGeneration needs decoder_input_ids; for training "
                        "pass migu_jax.models.t5.shift_right(labels).")
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    encoded = self.encode(input_ids, attention_mask)
-    return self.decode(decoder_input_ids, encoded, attention_mask, decoder_attention_mask)
+    encoded = self.encode(input_ids, attention_mask, deterministic=deterministic)
+    return self.decode(decoder_input_ids, encoded, attention_mask, decoder_attention_mask,
+                       deterministic=deterministic)
