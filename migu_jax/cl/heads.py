@@ -299,7 +299,8 @@ class EncoderOptionHead(Head):
     hidden, mags = forward(params, batch["ids"], batch["mask"], rng=rng)
     prompts = _normalize(mean_pool(hidden, batch["mask"]))
     # The label table is a constant of the head (not a batch row: micro-batches and devices split rows).
-    label_hidden, _ = forward(params, self.label_ids, self.label_mask, rng=rng)
+    label_rng = None if rng is None else jax.random.fold_in(rng, 1)  # other dropout units than the prompts'
+    label_hidden, _ = forward(params, self.label_ids, self.label_mask, rng=label_rng)
     labels = _normalize(mean_pool(label_hidden, self.label_mask))
     logits = self._scale(params["head"]) * prompts @ labels.T
     logits = jnp.where(batch["candidates"], logits, -1e9)
