@@ -4,13 +4,19 @@ The mesh run (the global batch split over 8 devices, the script's data sharding,
 from process 0) gives the accuracy matrix of the one-device jit run. Tolerance: the same accuracies (the
 matrix is a count of correct test records, 8 per task); the per-task final losses agree to 1e-4 relative
 (the mesh sums the batch in another order, so parameters differ in the last bits, not in any answer).
+
+Preemption of two processes (jax.distributed on localhost): SIGTERM to both, or to one, stops both after the
+same step with one checkpoint there and exit code 143 within 30 s; the resumed run's state at its next stop
+equals the uninterrupted two-process run's, bit for bit.
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,24 +26,33 @@ from test_cl_runner import DATA, tiny_config, tiny_models  # noqa: F401 (fixture
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "tpu" / "run_cl.py"
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "tpu" / "run_cl.py"
 ORDER = "amazon,agnews"  # 20 and 16 training records: 2 + 2 steps of 8 rows
 
 
-def run_script(*args, processes=1, devices=8, timeout=300):
-  """Runs the script as a fresh command (as on a pod host), ``processes`` of them with ``devices`` virtual CPU
-  devices each, joined by jax.distributed on localhost when more than one; returns their outputs."""
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-         "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu"}
+def start_script(*args, processes=1, devices=8, script=None, env=None):
+  """Starts the script as a fresh command (as on a pod host), ``processes`` of them with ``devices`` virtual CPU
+  devices each, joined by jax.distributed on localhost when more than one; returns the processes. ``script``:
+  Python source to run instead of the file (it runs the file itself); ``env``: more environment variables."""
+  env = {**os.environ, **(env or {}), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
   if processes > 1:
     with socket.socket() as s:
       s.bind(("localhost", 0))
       port = s.getsockname()[1]
     env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes))
   ids = [{"JAX_PROCESS_ID": str(i)} if processes > 1 else {} for i in range(processes)]
-  procs = [subprocess.Popen([sys.executable, str(SCRIPT), *args], env={**env, **ids[i]},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(processes)]
+  command = [sys.executable, *(["-c", script] if script else [str(SCRIPT)]), *args]
+  return [subprocess.Popen(command, env={**env, **ids[i]}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+          for i in range(processes)]
+
+
+def run_script(*args, processes=1, devices=8, timeout=300):
+  """Runs the script (see :func:`start_script`) to its end; returns the outputs of its processes."""
+  procs = start_script(*args, processes=processes, devices=devices)
   outputs = [p.communicate(timeout=timeout)[0] for p in procs]
   for i, (p, out) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
@@ -84,15 +99,118 @@ def test_script_on_a_mesh_matches_one_device(tiny_models, tmp_path, reference): 
   assert "mode" not in json.loads((out / "migu" / "seed_0" / "config.json").read_text())
 
 
-def test_script_as_two_hosts_matches_one_device(tiny_models, tmp_path, reference):  # noqa: F811
+@pytest.fixture(scope="module")
+def two_hosts(tiny_models, tmp_path_factory):  # noqa: F811
+  """An uninterrupted run as two processes of 4 CPU devices: (output folder, outputs of the processes)."""
+  out = tmp_path_factory.mktemp("hosts")
+  return out, run_script(*_argv(tiny_models, out), processes=2, devices=4)
+
+
+def test_script_as_two_hosts_matches_one_device(two_hosts, reference):
   # Two processes of 4 CPU devices joined by jax.distributed (gloo): each feeds half of every batch, both
   # take part in the orbax saves, process 0 alone reports.
-  out = tmp_path / "hosts"
-  first, second = run_script(*_argv(tiny_models, out), processes=2, devices=4)
+  out, (first, second) = two_hosts
   assert "run_cl: 2 process(es), 8 cpu device(s), 4 on this host." in first and "| migu |" in first
   assert "run_cl:" not in second and "Results in" not in second
   _same_run(json.loads((out / "results.json").read_text())["runs"][0], reference)
   assert sorted(p.name for p in (out / "migu" / "seed_0" / "checkpoints").iterdir()) == ["3", "4"]
+
+
+PAUSED = f"""
+import os, runpy, sys, time
+from pathlib import Path
+
+import jax
+
+from migu_jax.cl import runner
+
+pause_dir, at = Path(os.environ["PAUSE_DIR"]), tuple(int(v) for v in os.environ["PAUSE_AT"].split(","))
+run_sequence = runner.run_sequence
+
+
+def pause(event, info):  # the step loop waits after step `at` until the test has sent its signals
+  if event == "step" and (info["task"], info["step"]) == at:
+    (pause_dir / f"paused-{{jax.process_index()}}").touch()
+    deadline = time.time() + 120
+    while not (pause_dir / "go").exists() and time.time() < deadline:
+      time.sleep(0.05)
+
+
+def paused_run_sequence(cfg, method_name, seed, *, callbacks=()):
+  return run_sequence(cfg, method_name, seed, callbacks=[*callbacks, pause])
+
+
+runner.run_sequence = paused_run_sequence
+sys.argv = [{str(SCRIPT)!r}, *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+"""The script, waiting (every process) after step ``PAUSE_AT`` ("task,step") until ``PAUSE_DIR/go`` exists."""
+
+
+def _stop_two_hosts(argv, tmp_path, at, signalled):
+  """Starts the script as two processes, waits until both finished step ``at``, sends SIGTERM to the processes
+  ``signalled``, lets them go on; returns (seconds from the signal to the end of both, outputs)."""
+  pause_dir = tmp_path / f"pause-{at[0]}-{at[1]}"
+  pause_dir.mkdir()
+  procs = start_script(*argv, processes=2, devices=4, script=PAUSED,
+                       env={"PAUSE_DIR": str(pause_dir), "PAUSE_AT": f"{at[0]},{at[1]}"})
+  deadline = time.time() + 240
+  while not all((pause_dir / f"paused-{i}").exists() for i in range(2)):
+    if time.time() > deadline or any(p.poll() is not None for p in procs):
+      for p in procs:
+        p.kill()
+      pytest.fail("the processes did not reach the pause:\n" + "\n".join(p.communicate()[0][-3000:] for p in procs))
+    time.sleep(0.05)
+  sent = time.time()
+  for i in signalled:
+    procs[i].send_signal(signal.SIGTERM)  # as a TPU VM's preemption: the host's process gets SIGTERM
+  (pause_dir / "go").touch()
+  outputs = [p.communicate(timeout=120)[0] for p in procs]
+  return time.time() - sent, [(p.returncode, out) for p, out in zip(procs, outputs)]
+
+
+def _state(checkpoint_folder):
+  import orbax.checkpoint as ocp
+
+  return ocp.PyTreeCheckpointer().restore(checkpoint_folder / "state")
+
+
+def test_sigterm_stops_two_hosts_at_the_step_and_the_resume_is_bit_identical(tiny_models, tmp_path, two_hosts):  # noqa: F811
+  # A preempted pod slice: SIGTERM on every host after step 1 of task 1. The resumed run gets SIGTERM on
+  # process 1 alone after step 1 of task 2 (process 0 learns of it from the per-step all-gather). Each time
+  # both processes save the checkpoint at that step together, say so and exit with 143 within 30 s. The
+  # resumed run's checkpoint there holds the uninterrupted two-process run's state at that step, bit for bit
+  # (parameters, optimizer state, key); its losses and accuracy rows are the same.
+  import jax
+
+  from migu_jax.cl import checkpoint
+
+  out = tmp_path / "stopped"
+  argv = _argv(tiny_models, out)
+  argv[argv.index("--checkpoint-every") + 1] = "1000"  # no scheduled save inside a task: the stop's own
+  folder = out / "migu" / "seed_0" / "checkpoints"
+  for at, signalled, task, number in [((0, 0), (0, 1), "task 1 of 2 (amazon)", 1),
+                                      ((1, 0), (1,), "task 2 of 2 (agnews)", 3)]:
+    seconds, ended = _stop_two_hosts(argv, tmp_path, at, signalled)
+    assert seconds < 30, ended
+    for code, printed in ended:
+      assert code == 143, printed[-3000:]
+      assert (f"stopped by SIGTERM at migu seed 0, {task}, step 1; saved checkpoint {number} in {folder}. Run "
+              "the same command again") in printed, printed[-3000:]
+    with checkpoint.RunCheckpoints(folder) as kept:
+      assert kept.latest() == number and (kept.read_meta()["task"], kept.read_meta()["step"]) == (at[0], 1)
+  # The uninterrupted run saved after every step: its checkpoint 3 is task 2, step 1 too.
+  whole = two_hosts[0] / "migu" / "seed_0" / "checkpoints" / "3"
+  stopped, reference = _state(folder / "3"), _state(whole)
+  assert jax.tree.structure(stopped) == jax.tree.structure(reference)
+  for a, b in zip(jax.tree.leaves(stopped), jax.tree.leaves(reference)):
+    assert a.dtype == b.dtype and np.array_equal(a, b)
+  metas = []
+  for f in (folder, whole.parent):
+    with checkpoint.RunCheckpoints(f) as kept:
+      metas.append(kept.read_meta(3))
+  for key in ("task", "step", "initial", "rows", "steps", "losses"):
+    assert metas[0][key] == metas[1][key], key
 
 
 def test_model_axis_shards_kernels_and_matches(tiny_models, tmp_path, reference):  # noqa: F811

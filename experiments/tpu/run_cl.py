@@ -16,10 +16,12 @@ Arguments are those of ``migu-jax run`` (``--config``, ``--output``, ``--set key
 Filestore mount, or a gcsfuse-mounted bucket): orbax writes each checkpoint from all processes, and a
 resumed run reads it back on all of them.
 
-Preemption: on one process, SIGTERM (or Ctrl-C) stops the run after the current step with a checkpoint
-there and exit code 143 (130); the same command resumes from that step. With several processes JAX's
-preemption service takes SIGTERM first (see the warning in :mod:`migu_jax.cl.faults`). Process 0 holds the
-output folder's lock for the job.
+Preemption: SIGTERM (what a preempted TPU VM's hosts get; one host's SIGTERM is enough) or Ctrl-C stops every
+process after the same step; together they save a checkpoint there, print where they stopped and exit with
+143 (130); the same command resumes from that step, bit for bit (tests/test_tpu.py). The script takes the
+signals right after joining the pod and turns JAX's own preemption service off: that service would take a
+SIGTERM that came before the run's handler and keep the run going (see :mod:`migu_jax.cl.faults`). Process 0
+holds the output folder's lock for the job.
 
 On one machine with virtual CPU devices (what tests/test_tpu.py runs)::
 
@@ -47,6 +49,11 @@ def initialize_distributed() -> int:
   if jax.distributed.is_initialized():
     return jax.process_count()
   env = {name: os.environ.get(f"JAX_{name.upper()}") for name in ("num_processes", "process_id")}
+  # JAX's preemption service would install its own SIGTERM handler here; a signal it took (one that came
+  # before faults.stop_signals below) would be lost to the run. Without it such an early SIGTERM ends the
+  # process as it does a one-process run: nothing is lost but the startup, and the run resumes from the
+  # last checkpoint. Orbax treats the service's absence as "no preemption".
+  jax.config.update("jax_enable_preemption_service", False)
   try:
     jax.distributed.initialize(**{k: int(v) for k, v in env.items() if v is not None})
   except ValueError:
@@ -58,17 +65,20 @@ def initialize_distributed() -> int:
 
 def main(argv=None) -> int:
   initialize_distributed()
-  from migu_jax import cli
+  from migu_jax.cl import faults
 
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if "--mode" not in argv:
-    argv += ["--mode", "mesh"]
-  if jax.process_index() != 0 and "--no-progress" not in argv:
-    argv.append("--no-progress")
-  if jax.process_index() == 0:
-    print(f"run_cl: {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} "
-          f"device(s), {jax.local_device_count()} on this host.", flush=True)
-  return cli.main(["run", *argv])
+  with faults.stop_signals():  # from here on SIGTERM / SIGINT stop the run at its next step (the run's block nests)
+    from migu_jax import cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--mode" not in argv:
+      argv += ["--mode", "mesh"]
+    if jax.process_index() != 0 and "--no-progress" not in argv:
+      argv.append("--no-progress")
+    if jax.process_index() == 0:
+      print(f"run_cl: {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} "
+            f"device(s), {jax.local_device_count()} on this host.", flush=True)
+    return cli.main(["run", *argv])
 
 
 if __name__ == "__main__":

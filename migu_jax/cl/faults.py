@@ -14,11 +14,16 @@
 
 Multi-process runs (a TPU pod slice): process 0 holds the lock for all and tells the others whether it got
 it; a stop request on any process stops every process after the same step (one scalar all-gather per
-step), so orbax's coordinated save sees every process.
+step), so orbax's coordinated save sees every process; each prints where it stopped and exits with 143 / 130.
+A preempted TPU VM gives every host SIGTERM; one host's is enough (tests/test_tpu.py sends both kinds).
 
-.. warning:: With several processes joined by ``jax.distributed.initialize()``, JAX's preemption service
-   takes SIGTERM before Python sees it (tested with two CPU processes): such a run keeps going on SIGTERM.
-   SIGINT, and SIGTERM to a one-process run, stop as described.
+JAX's preemption service (``jax_enable_preemption_service``, on by default) installs a C++ SIGTERM handler in
+``jax.distributed.initialize()``. Python's ``signal.signal`` in :func:`stop_signals` replaces it, so signals
+that come later are ours; one that comes between the two is taken by that service (which only answers
+``multihost_utils.reached_preemption_sync_point``, not called here) and the run goes on. So
+experiments/tpu/run_cl.py turns the service off before ``initialize()`` (orbax reads its absence as "no
+preemption") and enters :func:`stop_signals` right after it: an earlier SIGTERM ends the process at once, as
+it does a one-process run before its handler, and the run resumes from its last checkpoint.
 """
 
 from __future__ import annotations
