@@ -206,6 +206,11 @@ def test_language_model_heads(tiny_models, tmp_path, family, eval_mode):
   assert run["eval_mode"] == eval_mode
   assert np.array(run["matrix"]).shape == (2, 2)
   assert all(np.isfinite(loss) for loss in run["final_loss"])
+  speed = run["speed"]  # the runner's own speed: compiling steps counted apart from the timed ones
+  assert speed["compile_s"] > 0 and speed["train_tokens_per_s"] > 0 and speed["eval_tokens_per_s"] > 0
+  assert speed["train_tokens"] > 0 and speed["eval_tokens"] == 2 * sum(  # every test set, after each task
+      runner.example_tokens(runner._head(cfg, runner.load_tasks(cfg, 0)), [(j, r) for r in task.test])
+      for j, task in enumerate(runner.load_tasks(cfg, 0)))
 
 
 def test_causal_lm_loss_covers_answer_tokens_only(tiny_models):
