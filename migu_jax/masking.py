@@ -157,20 +157,25 @@ def _raise_not_finite(names: tuple[str, ...], finite) -> None:
 
 
 def _check_finite(named_scores: dict[str, jax.Array]) -> None:
-  """One check for all layers: under jit a single host callback, on failure only."""
+  """One check for all layers, on one scalar; under jit the host hears of it only on failure."""
   if not named_scores:
     return
   names = tuple(named_scores)
-  finite = jnp.stack([jnp.all(jnp.isfinite(m)) for m in named_scores.values()])
-  if _is_traced(finite):
+
+  def per_layer(scores):
+    return jnp.stack([jnp.all(jnp.isfinite(m)) for m in scores])
+
+  # max |s| over every layer is finite iff every score is (max propagates NaN).
+  largest = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(m)) for m in named_scores.values()])
+  if _is_traced(largest):
     jax.lax.cond(
-        jnp.all(finite),
-        lambda f: None,
-        lambda f: jax.debug.callback(functools.partial(_raise_not_finite, names), f),
-        finite,
+        jnp.isfinite(largest),
+        lambda scores: None,
+        lambda scores: jax.debug.callback(functools.partial(_raise_not_finite, names), per_layer(scores)),
+        list(named_scores.values()),
     )
-  else:
-    _raise_not_finite(names, np.asarray(finite))
+  elif not np.isfinite(np.asarray(largest)):
+    _raise_not_finite(names, np.asarray(per_layer(list(named_scores.values()))))
 
 
 def _check_shape(where: str, m: jax.Array, kernel_shape: tuple[int, ...]) -> None:
@@ -184,6 +189,26 @@ def _check_shape(where: str, m: jax.Array, kernel_shape: tuple[int, ...]) -> Non
         f" the kernel's trailing output axes, e.g. ({kernel_shape[-1]},) for"
         " nn.Dense; were they captured from another model?"
     )
+
+
+def _masks_by_shape(scores: dict, ratio, threshold) -> dict:
+  """:func:`keep_mask` of each layer, one batched threshold per score shape.
+
+  Layers of the same width share one (vmapped) sort instead of one each: a
+  transformer has a handful of widths, and dozens of layers.
+  """
+  groups: dict[tuple, list] = {}
+  for path, s in scores.items():
+    groups.setdefault((s.shape, s.dtype), []).append(path)
+  masks = {}
+  for paths in groups.values():
+    if len(paths) == 1:
+      masks[paths[0]] = keep_mask(scores[paths[0]], ratio, threshold=threshold)
+      continue
+    batch = jnp.stack([scores[p] for p in paths])
+    keep = jax.vmap(lambda x: keep_mask(x, ratio, threshold=threshold))(batch)
+    masks.update(zip(paths, keep))
+  return masks
 
 
 def layer_masks(
@@ -211,7 +236,7 @@ def layer_masks(
   """
   where = where or is_kernel
   flat_scores = _flatten(scores)
-  masks, checked = {}, {}
+  masks, checked, single = {}, {}, {}
   for path, update in _flatten(updates).items():
     if update is None or not where(path, update):
       continue
@@ -238,7 +263,8 @@ def layer_masks(
       keep = jax.vmap(lambda x: keep_mask(x, ratio, threshold=threshold))(per_layer)
       masks[path] = keep.reshape(s.shape)
     else:
-      masks[path] = keep_mask(s, ratio, threshold=threshold)
+      single[path] = s
+  masks.update(_masks_by_shape(single, ratio, threshold))
   if not masks:
     raise ValueError(
         "mask_by_magnitude: no parameter was selected for masking (default: leaves"
