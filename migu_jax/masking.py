@@ -157,25 +157,26 @@ def _raise_not_finite(names: tuple[str, ...], finite) -> None:
 
 
 def _check_finite(named_scores: dict[str, jax.Array]) -> None:
-  """One check for all layers, on one scalar; under jit the host hears of it only on failure."""
+  """One check for all layers: under jit a single host callback, on failure only.
+
+  This check (a ``lax.cond`` with a host callback in one branch) is most of
+  what MIGU's step still costs on CPU (bench_step's Dense stack: about 1.06x
+  the plain step with it, 1.00x without it, same process); a cheaper
+  guarantee is an open question (issue 11).
+  """
   if not named_scores:
     return
   names = tuple(named_scores)
-
-  def per_layer(scores):
-    return jnp.stack([jnp.all(jnp.isfinite(m)) for m in scores])
-
-  # max |s| over every layer is finite iff every score is (max propagates NaN).
-  largest = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(m)) for m in named_scores.values()])
-  if _is_traced(largest):
+  finite = jnp.stack([jnp.all(jnp.isfinite(m)) for m in named_scores.values()])
+  if _is_traced(finite):
     jax.lax.cond(
-        jnp.isfinite(largest),
-        lambda scores: None,
-        lambda scores: jax.debug.callback(functools.partial(_raise_not_finite, names), per_layer(scores)),
-        list(named_scores.values()),
+        jnp.all(finite),
+        lambda f: None,
+        lambda f: jax.debug.callback(functools.partial(_raise_not_finite, names), f),
+        finite,
     )
-  elif not np.isfinite(np.asarray(largest)):
-    _raise_not_finite(names, np.asarray(per_layer(list(named_scores.values()))))
+  else:
+    _raise_not_finite(names, np.asarray(finite))
 
 
 def _check_shape(where: str, m: jax.Array, kernel_shape: tuple[int, ...]) -> None:
