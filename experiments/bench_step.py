@@ -1,21 +1,31 @@
 """Cost of MIGU in a train step: plain AdamW step against the MIGU step.
 
-Same model (a BERT encoder of MiniLM's size: 6 layers, width 384, 12 heads,
-random weights), same batch (16 x 128 tokens), same compiled train-step
-builder; the MIGU step adds the magnitude capture (sum |y| of every linear
-output) and the mask transformation in front of AdamW. Timed interleaved in
-one run, so both see the same machine state. Peak memory, flops and bytes
-accessed are XLA's own account of each compiled step (peak: arguments +
-outputs + temporaries - aliased donations); they do not depend on machine load.
+Two models, each at 16 x 128 tokens with random weights:
+
+* ``bert``: a BERT encoder of MiniLM's size (6 layers, width 384, 12 heads)
+  with a classification head, from ``migu_jax.models``;
+* ``stack``: a bare stack of 6 pre-LayerNorm blocks of width 384 built from
+  plain ``nn.Dense`` layers (attention projections and a 4x MLP), the kind of
+  model a user writes by hand.
+
+Both steps come from the same builder (``migu.make_train_step``); the MIGU step
+adds the magnitude capture (sum |y| of every linear output) and
+``mask_by_magnitude(0.7)`` in front of AdamW. The variants are timed
+interleaved in one process (plain block, MIGU block, plain, ...), so both see
+the same machine state; the load average before and after is printed, since a
+loaded machine makes single runs vary. Peak memory, flops and bytes accessed
+are XLA's own account of each compiled step (peak: arguments + outputs +
+temporaries - aliased donations); they do not depend on machine load.
 
 Run:
-  .venv/bin/python experiments/bench_step.py            # ~3 minutes on 2 CPU cores
-  .venv/bin/python experiments/bench_step.py --repeats 3 --steps 5   # quicker
+  .venv/bin/python experiments/bench_step.py            # ~5 minutes on 2 CPU cores
+  .venv/bin/python experiments/bench_step.py --models stack --repeats 4 --steps 2   # quicker
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -39,15 +49,57 @@ class Classifier(nn.Module):
     return nn.Dense(self.classes, name="head")(mean_pool(hidden, mask))
 
 
-def build(args):
-  config = bert.Config(
-      vocab_size=30522, hidden_size=args.width, num_hidden_layers=args.layers,
-      num_attention_heads=args.width // 32, intermediate_size=4 * args.width,
-  )
-  model = Classifier(config)
+class Block(nn.Module):
+  """A pre-LayerNorm transformer block of plain ``nn.Dense`` layers."""
+
+  width: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, x, mask):
+    b, s, d = x.shape
+    h = nn.LayerNorm()(x)
+    q, k, v = (nn.Dense(d, name=n)(h).reshape(b, s, self.heads, d // self.heads) for n in "qkv")
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // self.heads)
+    logits = jnp.where(mask[:, None, None, :] > 0, logits, -1e9)
+    attn = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v).reshape(b, s, d)
+    x = x + nn.Dense(d, name="o")(attn)
+    h = nn.LayerNorm()(x)
+    return x + nn.Dense(d, name="down")(nn.gelu(nn.Dense(4 * d, name="up")(h)))
+
+
+class DenseStack(nn.Module):
+  """Embedding, ``layers`` pre-LN blocks, final LayerNorm, mean pool, linear head."""
+
+  vocab: int
+  width: int
+  layers: int
+  classes: int = 4
+
+  @nn.compact
+  def __call__(self, ids, mask):
+    x = nn.Embed(self.vocab, self.width)(ids)
+    for i in range(self.layers):
+      x = Block(self.width, self.width // 32, name=f"block_{i}")(x, mask)
+    return nn.Dense(self.classes, name="head")(mean_pool(nn.LayerNorm()(x), mask))
+
+
+def build(name: str, args):
+  """``(params, batch, {variant: (train_step, tx)})`` for one model."""
+  vocab = 30522
+  if name == "bert":
+    config = bert.Config(
+        vocab_size=vocab, hidden_size=args.width, num_hidden_layers=args.layers,
+        num_attention_heads=args.width // 32, intermediate_size=4 * args.width,
+    )
+    model = Classifier(config)
+  elif name == "stack":
+    model = DenseStack(vocab, args.width, args.layers)
+  else:
+    raise ValueError(f"bench_step: unknown model {name!r}; expected 'bert' or 'stack'.")
   rng = np.random.default_rng(0)
   batch = {
-      "ids": rng.integers(0, config.vocab_size, (args.batch, args.seq)).astype(np.int32),
+      "ids": rng.integers(0, vocab, (args.batch, args.seq)).astype(np.int32),
       "mask": np.ones((args.batch, args.seq), np.int32),
       "label": rng.integers(0, 4, (args.batch,)).astype(np.int32),
   }
@@ -85,49 +137,69 @@ def compiled_costs(step, params, opt_state, batch) -> dict:
   }
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--layers", type=int, default=6)
-  parser.add_argument("--width", type=int, default=384)
-  parser.add_argument("--seq", type=int, default=128)
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
-  parser.add_argument("--repeats", type=int, default=5, help="interleaved blocks per variant")
-  args = parser.parse_args()
-
-  params, batch, steps = build(args)
-  states, times, memory = {}, {name: [] for name in steps}, {}
+def bench(name: str, args) -> dict:
+  """Times one model's two steps interleaved; returns the ratios."""
+  params, batch, steps = build(name, args)
+  states, times, costs = {}, {v: [] for v in steps}, {}
   batch = jax.device_put(batch)
-  for name, (step, tx) in steps.items():
+  for variant, (step, tx) in steps.items():
     p, s = step.place_state(params), step.place_state(tx.init(params))
-    memory[name] = compiled_costs(step, p, s, batch)
+    costs[variant] = compiled_costs(step, p, s, batch)
+    start = time.perf_counter()
     p, s, loss = step(p, s, batch)  # compile
     jax.block_until_ready(loss)
-    states[name] = (p, s)
+    costs[variant]["compile"] = time.perf_counter() - start
+    p, s, loss = step(p, s, batch)  # warm-up
+    jax.block_until_ready(loss)
+    states[variant] = (p, s)
   for _ in range(args.repeats):
-    for name, (step, _) in steps.items():
-      p, s = states[name]
+    for variant, (step, _) in steps.items():
+      p, s = states[variant]
       start = time.perf_counter()
       for _ in range(args.steps):
         p, s, loss = step(p, s, batch)
       jax.block_until_ready((p, loss))
-      times[name].append((time.perf_counter() - start) / args.steps)
-      states[name] = (p, s)
+      times[variant].append((time.perf_counter() - start) / args.steps)
+      states[variant] = (p, s)
 
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {len(jax.devices())} device(s); "
-        f"model {args.layers}x{args.width}, {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq}")
-  for name in steps:
-    t = statistics.median(times[name])
-    c = memory[name]
-    print(f"{name:6s} step {t * 1e3:8.1f} ms (median of {args.repeats}x{args.steps}, "
-          f"min {min(times[name]) * 1e3:.1f})  peak memory {c['peak'] / 2**20:8.1f} MiB  "
-          f"XLA: {c['flops'] / 1e9:.1f} GFLOP, {c['bytes'] / 2**30:.2f} GiB accessed")
-  ratio = statistics.median(times["migu"]) / statistics.median(times["plain"])
-  best = min(times["migu"]) / min(times["plain"])
-  m, p = memory["migu"], memory["plain"]
-  print(f"MIGU / plain: time {ratio:.3f} (median), {best:.3f} (best)   peak memory {m['peak'] / p['peak']:.3f}   "
-        f"flops {m['flops'] / p['flops']:.3f}   bytes accessed {m['bytes'] / p['bytes']:.3f}")
+  print(f"[{name}] model {args.layers}x{args.width}, {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq}")
+  for variant in steps:
+    t, c = statistics.median(times[variant]), costs[variant]
+    print(f"  {variant:6s} step {t * 1e3:8.1f} ms (median of {args.repeats}x{args.steps}, "
+          f"min {min(times[variant]) * 1e3:.1f}, first call {c['compile']:.1f} s)  "
+          f"peak memory {c['peak'] / 2**20:8.1f} MiB  "
+          f"XLA: {c['flops'] / 1e9:.2f} GFLOP, {c['bytes'] / 2**30:.3f} GiB accessed")
+  m, p = costs["migu"], costs["plain"]
+  ratios = {
+      "time": statistics.median(times["migu"]) / statistics.median(times["plain"]),
+      "best": min(times["migu"]) / min(times["plain"]),
+      "peak": m["peak"] / p["peak"], "flops": m["flops"] / p["flops"], "bytes": m["bytes"] / p["bytes"],
+  }
+  print(f"  MIGU / plain: time {ratios['time']:.3f} (median), {ratios['best']:.3f} (best)   "
+        f"peak memory {ratios['peak']:.3f}   flops {ratios['flops']:.3f}   bytes accessed {ratios['bytes']:.3f}")
+  return ratios
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", nargs="+", default=["bert", "stack"], choices=["bert", "stack"])
+  parser.add_argument("--layers", type=int, default=6)
+  parser.add_argument("--width", type=int, default=384)
+  parser.add_argument("--seq", type=int, default=128)
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
+  parser.add_argument("--repeats", type=int, default=8, help="interleaved blocks per variant")
+  args = parser.parse_args()
+
+  load = os.getloadavg()
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {len(jax.devices())} device(s), "
+        f"{os.cpu_count()} CPU(s); load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+  ratios = {name: bench(name, args) for name in args.models}
+  load = os.getloadavg()
+  print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+  print("MIGU / plain (median time): " + ", ".join(f"{n} {r['time']:.3f}" for n, r in ratios.items()))
+  return ratios
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ number per vocabulary entry, at ``magnitudes[...]["embedding"]`` shaped
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,10 +43,32 @@ LINEAR_MODULES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 """Module types whose calls are captured."""
 
 
+def _sum_leading(x: jax.Array, fan_in: int = 8) -> jax.Array:
+  """Sum over the leading axis as a tree of slice adds, ``fan_in`` rows at a time.
+
+  Not ``jnp.sum``: XLA:CPU hands a plain sum to its YNNPACK reduction, which
+  cannot take the layer's bias add (a broadcast), so every linear output would
+  be written and read back once more (+7.7% bytes accessed for a 6-block
+  stack). Adds of slices are elementwise: the first level fuses ``|x W + b|``
+  into one read of the matmul's output and writes an eighth of it.
+  """
+  if x.shape[0] == 0:
+    return jnp.zeros(x.shape[1:], x.dtype)
+  while x.shape[0] > 1:
+    rows = -(-x.shape[0] // fan_in) * fan_in
+    x = jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+    x = x.reshape(rows // fan_in, fan_in, *x.shape[1:])
+    x = functools.reduce(jnp.add, [x[:, j] for j in range(fan_in)])
+  return x[0]
+
+
 def _sum_abs(y: jax.Array, keep_axes: tuple[int, ...]) -> jax.Array:
-  """Sum of |y| in float32 over every axis not in ``keep_axes``."""
-  reduce = tuple(a for a in range(y.ndim) if a not in keep_axes)
-  return jnp.sum(jnp.abs(y.astype(jnp.float32)), axis=reduce)
+  """Sum of |y| in float32 over every axis not in ``keep_axes``; not differentiated."""
+  reduce = [a for a in range(y.ndim) if a not in keep_axes]
+  magnitude = jnp.abs(jax.lax.stop_gradient(y).astype(jnp.float32))
+  magnitude = jnp.transpose(magnitude, reduce + sorted(keep_axes))  # kept axes in y's order
+  kept_shape = magnitude.shape[len(reduce):]
+  return _sum_leading(magnitude.reshape(-1, *kept_shape) if reduce else magnitude[None])
 
 
 def _einsum_statistic(einsum_str: str, y: jax.Array) -> jax.Array:

@@ -206,6 +206,11 @@ def test_language_model_heads(tiny_models, tmp_path, family, eval_mode):
   assert run["eval_mode"] == eval_mode
   assert np.array(run["matrix"]).shape == (2, 2)
   assert all(np.isfinite(loss) for loss in run["final_loss"])
+  speed = run["speed"]  # the runner's own speed: compiling steps counted apart from the timed ones
+  assert speed["compile_s"] > 0 and speed["train_tokens_per_s"] > 0 and speed["eval_tokens_per_s"] > 0
+  assert speed["train_tokens"] > 0 and speed["eval_tokens"] == 2 * sum(  # every test set, after each task
+      runner.example_tokens(runner._head(cfg, runner.load_tasks(cfg, 0)), [(j, r) for r in task.test])
+      for j, task in enumerate(runner.load_tasks(cfg, 0)))
 
 
 def test_causal_lm_loss_covers_answer_tokens_only(tiny_models):
@@ -246,3 +251,24 @@ def test_option_scores_are_answer_log_likelihoods(tiny_models, family):
     logp = jax.nn.log_softmax(model.apply({"params": params}, batch["ids"][:1], batch["mask"][:1], dec), -1)[0]
     expected = sum(float(logp[i, t]) for i, t in enumerate(option))
   assert score == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_options_scored_from_one_prompt_pass_equal_the_pairwise_scores(tiny_models, family):
+  from migu_jax.cl import heads, runner
+  from migu_jax.cl.data import load_task
+
+  model, params, tok = runner.load_model(tiny_models[family])
+  task = load_task(DATA, "agnews", train_per_class=1, max_test=3)
+  cfg = heads.HeadConfig(max_length=512, length_buckets=(512,), eval_batch_size=4)
+  head = heads.make_head(None, model, tok, [task], cfg)
+  records = task.test[:3]
+  longest = max(len(head._label_tokens(label)) for label in task.labels)
+  assert len(task.labels) >= 4 and all(  # no prompt is truncated, so both paths see the same prompt
+      len(head.prompts.prompt(0, r.sentence, 10**6)) + head.n_special + longest < cfg.max_length for r in records)
+  cached = np.asarray(head._option_scores(params, 0, records))
+  pairwise = head._pairwise_option_scores(params, 0, records)
+  assert cached.shape == (3, len(task.labels))
+  np.testing.assert_allclose(cached, pairwise, rtol=1e-4, atol=1e-4)
+  assert head.correct({"model": params}, 0, records) == int(sum(
+      task.labels[k] == r.label for k, r in zip(pairwise.argmax(1), records)))

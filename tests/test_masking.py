@@ -271,3 +271,17 @@ def test_a_single_magnitude_for_a_layer_is_an_error_not_a_no_op(shape):
   mags["block_0"]["down"]["kernel"] = jnp.ones(shape)
   with pytest.raises(ValueError, match=r"block_0/down/kernel have shape"):
     _update(migu.mask_by_magnitude(0.7), grads, mags)
+
+
+@pytest.mark.parametrize("threshold", ["quantile", "top_k", "l1_mass"])
+def test_layers_of_one_width_share_one_sort_and_get_their_own_masks(threshold):
+  rng = np.random.default_rng(0)
+  widths = [8, 8, 8, 5, 5, 3]
+  scores = {f"l{i}": {"kernel": jnp.asarray(rng.integers(0, 4, n), jnp.float32)} for i, n in enumerate(widths)}
+  grads = {name: {"kernel": jnp.ones((2, len(s["kernel"])))} for name, s in scores.items()}
+  masks = migu.masking.layer_masks(grads, scores, 0.7, threshold=threshold)
+  for name, s in scores.items():  # ties included: each layer as if thresholded alone
+    np.testing.assert_array_equal(masks[(name, "kernel")], migu.keep_mask(s["kernel"], 0.7, threshold=threshold))
+  jaxpr = str(jax.make_jaxpr(lambda s: migu.masking.layer_masks(grads, s, 0.7, threshold=threshold))(scores))
+  sorts_per_call = {"quantile": 1, "top_k": 1, "l1_mass": 2}[threshold]
+  assert jaxpr.count(" sort[") == sorts_per_call * len(set(widths))  # per width, not per layer

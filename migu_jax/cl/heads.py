@@ -45,7 +45,9 @@ import optax
 from migu_jax.cl.data import Record, Task
 from migu_jax.cl.prompts import build_prompt
 from migu_jax.models.bert.modeling import mean_pool
-from migu_jax.models.generation import greedy_generate, greedy_generate_seq2seq
+from migu_jax.models.generation import (greedy_generate, greedy_generate_seq2seq, option_log_likelihoods,
+                                        option_log_likelihoods_seq2seq)
+from migu_jax.models.llama.modeling import LlamaForCausalLM
 
 Example = tuple[int, Record]
 """A training or test example: (index of its task in the run's order, the record)."""
@@ -372,7 +374,29 @@ class _LanguageModelHead(Head):
     return correct(params, task_index, records, progress)
 
   def _correct_by_options(self, params, task_index, records, progress):
-    """Option scoring: the option whose tokens (without end-of-sequence) have the highest total log-likelihood."""
+    """Option scoring: the option whose tokens (without end-of-sequence) have the highest total log-likelihood.
+
+    Each prompt runs once and all of the task's options are scored from it (:meth:`_option_scores`).
+    """
+    labels = self.tasks[task_index].labels
+    scores = np.zeros((len(records), len(labels)))
+    order = np.argsort([len(r.sentence) for r in records], kind="stable")  # similar lengths share a bucket
+    bs = self.cfg.eval_batch_size
+    for start in range(0, len(records), bs):
+      idx = order[start:start + bs]
+      chunk = [records[i] for i in idx] + [records[idx[0]]] * (bs - len(idx))  # fixed batch shape
+      scores[idx] = np.asarray(self._option_scores(params["model"], task_index, chunk))[:len(idx)]
+      if progress is not None:
+        progress(len(idx))
+    pred = np.argmax(scores, axis=1)
+    return int(sum(labels[p] == r.label for p, r in zip(pred, records)))
+
+  def _option_scores(self, model_params, task_index, records):
+    """``[len(records), n_options]`` total log-likelihoods; subclasses score from one prompt pass."""
+    return self._pairwise_option_scores(model_params, task_index, records)
+
+  def _pairwise_option_scores(self, model_params, task_index, records):
+    """The same scores with one full forward pass per (record, option) pair (models without a cache)."""
     labels = self.tasks[task_index].labels
     pairs = [(i, k) for i in range(len(records)) for k in range(len(labels))]
     scores = np.zeros((len(records), len(labels)))
@@ -381,13 +405,16 @@ class _LanguageModelHead(Head):
       n = min(bs, len(pairs) - start)
       chunk = pairs[start:start + n] + [pairs[start]] * (bs - n)  # fixed batch shape
       batch = self._scoring_batch(task_index, [(records[i], labels[k]) for i, k in chunk])
-      logp = np.asarray(self._score(params["model"], batch))
+      logp = np.asarray(self._score(model_params, batch))
       for (i, k), s in zip(chunk[:n], logp[:n]):
         scores[i, k] = s
-    if progress is not None:
-      progress(len(records))
-    pred = np.argmax(scores, axis=1)
-    return int(sum(labels[p] == r.label for p, r in zip(pred, records)))
+    return scores
+
+  def _option_rows(self, task_index):
+    """The task's options as ``[K, L]`` right-padded token ids and mask, and ``L``."""
+    options = [self._label_tokens(label) for label in self.tasks[task_index].labels]
+    longest = max(map(len, options))
+    return _pad(options, longest, self.pad_id), longest
 
   def _correct_by_generation(self, params, task_index, records, progress):
     """Greedy decoding; exact match of the decoded text with the label (:func:`normalize_answer`)."""
@@ -466,6 +493,19 @@ class CausalLMHead(_LanguageModelHead):
     rows, masks = self._rows([(task_index, r.sentence, self._label_tokens(label)) for r, label in pairs])
     return self._batch(rows, masks)
 
+  def _option_scores(self, model_params, task_index, records):
+    """Llama: one pass per prompt fills a key/value cache, each option is scored from it.
+
+    Every option sees the same prompt, truncated so that the longest option fits ``max_length``.
+    """
+    if not isinstance(self.model, LlamaForCausalLM):
+      return self._pairwise_option_scores(model_params, task_index, records)
+    (option_ids, option_mask), longest = self._option_rows(task_index)
+    budget = self.cfg.max_length - longest - self.n_special
+    rows = [self.with_special(self.prompts.prompt(task_index, r.sentence, budget)) for r in records]
+    ids, mask = _pad(rows, _bucket(max(map(len, rows)), self.cfg), self.pad_id, left=True)
+    return option_log_likelihoods(self.model, model_params, ids, mask, option_ids, option_mask)
+
   def _generate(self, model_params, task_index, records, n_new):
     budget = self.cfg.max_length - self.n_special
     rows = [self.with_special(self.prompts.prompt(task_index, r.sentence, budget)) for r in records]
@@ -525,6 +565,14 @@ class Seq2SeqHead(_LanguageModelHead):
 
   def _scoring_batch(self, task_index, pairs):
     return self._batch([(task_index, r.sentence, self._label_tokens(label)) for r, label in pairs])
+
+  def _option_scores(self, model_params, task_index, records):
+    """T5: the encoder runs once per prompt, the decoder once per option."""
+    (option_ids, option_mask), _ = self._option_rows(task_index)
+    rows = [self._encoder_ids(task_index, r.sentence) for r in records]
+    ids, mask = _pad(rows, _bucket(max(map(len, rows)), self.cfg), self.pad_id)
+    return option_log_likelihoods_seq2seq(self.model, model_params, ids, mask, option_ids, option_mask,
+                                          self.start_id)
 
   def _generate(self, model_params, task_index, records, n_new):
     rows = [self._encoder_ids(task_index, r.sentence) for r in records]

@@ -79,7 +79,22 @@ def run_result(method: str, seed: int, tasks, meta: dict, eval_mode: str) -> dic
       "params_sha256": meta.get("params_sha256"),
       "also": {m: {"initial": v["initial"], "matrix": v["rows"], "metrics": summarize(v["rows"], initial=v["initial"])}
                for m, v in (meta.get("also") or {}).items()},
+      "speed": speed(meta.get("speed")),
   })
+
+
+def speed(counts: dict | None) -> dict | None:
+  """Train and evaluation tokens/s (real tokens of the examples, prompt and answer) and compile time.
+
+  Train tokens/s excludes the steps that compiled (their time is ``compile_s``); evaluation tokens/s
+  counts each test example's tokens once, however many options it scores, over the evaluations' wall time.
+  """
+  if not counts:
+    return None
+  rate = lambda tokens, seconds: tokens / seconds if seconds else None
+  return {"train_tokens_per_s": rate(counts.get("train_tokens", 0), counts.get("train_step_s", 0.0)),
+          "eval_tokens_per_s": rate(counts.get("eval_tokens", 0), counts.get("eval_s", 0.0)),
+          "compile_s": counts.get("compile_s", 0.0), **counts}
 
 
 def comparison(runs: Sequence[dict], mode: str | None = None) -> dict:

@@ -309,15 +309,43 @@ def _bar(cfg: Config, **kwargs):
 
 
 def evaluate(head: heads_lib.Head, params, tasks: Sequence[Task], *, cfg: Config, desc: str = "eval",
-             mode: str | None = None) -> list[float]:
+             mode: str | None = None, speed: dict | None = None) -> list[float]:
   """Accuracy on the test set of every task, with plain ``{"model", "head"}`` parameters (by ``mode``,
-  default the head's evaluation mode)."""
-  row = []
+  default the head's evaluation mode).
+
+  ``speed``: if given, the test examples' tokens and the seconds taken are added to its ``eval_tokens``
+  and ``eval_s``."""
+  row, tokens, start = [], 0, time.perf_counter()
   with _bar(cfg, total=sum(len(t.test) for t in tasks), desc=desc, unit="ex") as bar:
     for j, task in enumerate(tasks):
       row.append(head.correct(params, j, task.test, progress=bar.update, mode=mode) / len(task.test))
-      bar.set_postfix_str(" ".join(f"{a:.2f}" for a in row))
+      tokens += example_tokens(head, [(j, r) for r in task.test])
+      bar.set_postfix_str(" ".join(f"{a:.2f}" for a in row) + f" {tokens / (time.perf_counter() - start):.0f} tok/s")
+  if speed is not None:
+    speed["eval_tokens"] = speed.get("eval_tokens", 0) + tokens
+    speed["eval_s"] = speed.get("eval_s", 0.0) + time.perf_counter() - start
   return row
+
+
+def batch_tokens(batch: dict) -> int:
+  """Real (unpadded) tokens of a head's batch: the input mask, plus the decoder's for T5."""
+  return int(np.sum(batch["mask"])) + int(np.sum(batch.get("dec_mask", 0)))
+
+
+def example_tokens(head: heads_lib.Head, examples, chunk: int = 256) -> int:
+  """Real tokens of ``examples`` as training rows (prompt and answer): the unit of the reported tokens/s."""
+  return sum(batch_tokens(head.train_batch(examples[i:i + chunk])) for i in range(0, len(examples), chunk))
+
+
+_SEEN_SHAPES: set = set()
+
+
+def _compiles(step_fn, batch: dict) -> bool:
+  """Whether this call of ``step_fn`` is the first with these batch shapes in this process (it compiles)."""
+  key = (id(step_fn), tuple(sorted((k, np.shape(v)) for k, v in batch.items())))
+  new = key not in _SEEN_SHAPES
+  _SEEN_SHAPES.add(key)
+  return new
 
 
 def capture_magnitudes(head: heads_lib.Head, params, examples, cfg: Config, seed: int, n_batches: int
@@ -595,6 +623,7 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
     meta["initial_eval_s"] = time.perf_counter() - start
     save()
 
+  speed = meta.setdefault("speed", {"train_tokens": 0, "train_step_s": 0.0, "compile_s": 0.0})
   for t in range(meta["task"], len(tasks)):
     examples = methods_lib.training_examples(method, cfg, tasks, t, seed)
     total = methods_lib.steps_per_epoch(len(examples), cfg.batch_size) * methods_lib.task_epochs(cfg, tasks[t].name)
@@ -610,12 +639,14 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
         step_key = jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, t + 2), k))
         batch["rng"] = np.broadcast_to(np.asarray(step_key), (cfg.batch_size, *step_key.shape))
         # Every process pads the whole batch (one padded length everywhere) and feeds its own rows.
+        compiles, step_start = _compiles(step_fn, batch), time.perf_counter()
         params, opt_state, loss = step_fn(params, opt_state, placed.local_rows(batch))
         loss = float(loss)
+        _count_step(speed, batch, time.perf_counter() - step_start, compiles)
         if not np.isfinite(loss):
           raise FloatingPointError(f"{desc}, step {k}: the loss is {loss}. Lower learning_rate or check the data.")
         meta["losses"][t].append(loss)
-        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed['train_tokens'] / max(speed['train_step_s'], 1e-9):.0f}")
         bar.update(1)
         for cb in callbacks:
           cb("step", {"task": t, "step": k, "loss": loss})
@@ -631,7 +662,7 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
       _save_npz(folder / f"magnitudes_task_{t}.npz", capture_magnitudes(
           head, plain, [(t, r) for r in tasks[t].train], cfg, seed, cfg.magnitude_batches))
     start = time.perf_counter()
-    meta["rows"].append(evaluate(head, plain, tasks, cfg=cfg, desc=f"eval after {tasks[t].name}"))
+    meta["rows"].append(evaluate(head, plain, tasks, cfg=cfg, desc=f"eval after {tasks[t].name}", speed=speed))
     for m in cfg.also_eval:
       meta["also"][m]["rows"].append(evaluate(head, plain, tasks, cfg=cfg, mode=m,
                                               desc=f"eval ({m}) after {tasks[t].name}"))
@@ -651,6 +682,15 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
   if is_writer():
     _write_json(folder / "result.json", result)
   return result
+
+
+def _count_step(speed: dict, batch: dict, seconds: float, compiles: bool) -> None:
+  """Adds a train step to ``speed``: a compiling step's time is compile time, not step time."""
+  if compiles:
+    speed["compile_s"] += seconds
+  else:
+    speed["train_tokens"] += batch_tokens(batch)
+    speed["train_step_s"] += seconds
 
 
 def _add_time(times: list, task: int, seconds: float) -> list:

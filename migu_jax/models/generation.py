@@ -152,3 +152,70 @@ def greedy_generate_seq2seq(model, params, input_ids, attention_mask=None, *,
     attention_mask = jnp.ones_like(input_ids)
   return _seq2seq_loop(model, params, input_ids, jnp.asarray(attention_mask, jnp.int32),
                        jnp.int32(start), _eos_ids(eos), jnp.int32(pad), max_new_tokens)
+
+
+def _token_logp(logits, targets):
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def option_log_likelihoods(model, params, prompt_ids, prompt_mask, option_ids, option_mask):
+  """Total log-likelihood of each option after each prompt; each prompt runs once.
+
+  Llama: one pass over the prompts (all but their last token) fills a
+  key/value cache; then each option runs from that cache over its own few
+  tokens (the prompt's last token, then the option's), with ``lax.map`` over
+  the options, so the cache is not copied per option.
+
+  Args:
+    model: a :class:`migu_jax.models.llama.LlamaForCausalLM`.
+    params: its ``params``.
+    prompt_ids, prompt_mask: ``[B, T]`` prompts, left-padded (``T >= 2``).
+    option_ids, option_mask: ``[K, L]`` the options' tokens, right-padded; the
+      same options for every prompt.
+
+  Returns:
+    ``[B, K]``: ``sum_j log p(option_j | prompt, option_<j)`` over each
+    option's real tokens, in float32.
+  """
+  from migu_jax.models.llama.modeling import init_cache
+  b, t = prompt_ids.shape
+  length = option_ids.shape[1]
+  positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+  mask = jnp.concatenate([prompt_mask[:, :-1], jnp.ones((b, length), prompt_mask.dtype)], 1)
+  cache = init_cache(model.config, b, t - 1 + length)
+  _, cache = model.apply({"params": params}, prompt_ids[:, :-1], mask, positions[:, :-1], cache, 0,
+                         method="hidden_states")
+  option_positions = positions[:, -1:] + jnp.arange(length)
+
+  def score(option):
+    ids, keep = option
+    inputs = jnp.concatenate([prompt_ids[:, -1:], jnp.broadcast_to(ids[None, :-1], (b, length - 1))], 1)
+    logits, _ = model.apply({"params": params}, inputs, mask, option_positions, cache, t - 1)
+    return (_token_logp(logits, jnp.broadcast_to(ids, (b, length))) * keep).sum(-1)
+
+  return jax.lax.map(score, (option_ids, option_mask.astype(jnp.float32))).T
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def option_log_likelihoods_seq2seq(model, params, input_ids, attention_mask, option_ids, option_mask,
+                                   decoder_start_token_id):
+  """T5: :func:`option_log_likelihoods` with the encoder run once and the decoder once per option.
+
+  ``input_ids``/``attention_mask``: ``[B, T]`` encoder inputs; ``option_ids``/``option_mask``:
+  ``[K, L]`` decoder targets, right-padded. Returns ``[B, K]``.
+  """
+  b = input_ids.shape[0]
+  length = option_ids.shape[1]
+  encoded = model.apply({"params": params}, input_ids, attention_mask, method="encode")
+
+  def score(option):
+    ids, keep = option
+    start = jnp.full((1,), decoder_start_token_id, ids.dtype)
+    dec = jnp.broadcast_to(jnp.concatenate([start, ids[:-1]])[None], (b, length))
+    logits = model.apply({"params": params}, dec, encoded, attention_mask,
+                         jnp.broadcast_to(keep[None], (b, length)).astype(jnp.int32), method="decode")
+    return (_token_logp(logits, jnp.broadcast_to(ids, (b, length))) * keep).sum(-1)
+
+  return jax.lax.map(score, (option_ids, option_mask.astype(jnp.float32))).T

@@ -1,0 +1,25 @@
+"""experiments/accelerator_check.py runs end to end on CPU at a tiny size."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_cl_runner import DATA, tiny_models  # noqa: F401 (fixture)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "accelerator_check.py"
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
+def test_accelerator_check_runs_at_tiny_size(tiny_models, capsys):  # noqa: F811
+  spec = importlib.util.spec_from_file_location("accelerator_check", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["accelerator_check"] = module
+  spec.loader.exec_module(module)
+  out = module.main(["--tiny", "--model", str(tiny_models["llama"]), "--data-dir", str(DATA)])
+  printed = capsys.readouterr().out
+  assert "1. MIGU / plain step" in printed and "2. JAX / PyTorch" in printed and "3. order 1" in printed
+  assert out["migu"]["ratio"] > 0 and 0.9 < out["migu"]["peak_ratio"] < 1.5
+  assert np.array(out["cl"]["result"]["matrix"]).shape == (2, 2) and out["cl"]["wall_s"] > 0
