@@ -36,11 +36,16 @@ def _family(name, remat):
 def test_every_kernel_has_a_magnitude(name, remat):
   model, params, args = _family(name, remat)
   _, mags = jax.jit(lambda p: magnitudes.apply_with_magnitudes(model, {"params": p}, *args))(params)
-  kernels = {k: v for k, v in traverse_util.flatten_dict(params).items() if k[-1] == "kernel"}
+  flat = traverse_util.flatten_dict(params)
+  kernels = {k: v for k, v in flat.items() if k[-1] == "kernel"}
   flat_mags = traverse_util.flatten_dict(mags)
-  assert set(flat_mags) == set(kernels)
+  tied = {k: v for k, v in flat.items() if k in flat_mags and k[-1] == "embedding"}
+  assert bool(tied) == name in ("llama-tied", "t5-v1.0")  # a tied lm head: the embedding's rows, [vocab, 1]
+  assert set(flat_mags) == set(kernels) | set(tied)
   for path, kernel in kernels.items():
     assert flat_mags[path].shape == kernel.shape[-1:], path
+  for path, embedding in tied.items():
+    assert flat_mags[path].shape == (embedding.shape[0], 1), path
   if name == "llama-untied":  # q/k/v/o, gate/up/down per layer + lm_head
     assert len(kernels) == 2 * 7 + 1
   if name == "t5-v1.1":  # enc: 4 attn + 3 mlp, dec: 8 attn + 3 mlp, per layer; + lm_head
