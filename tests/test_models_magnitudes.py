@@ -40,7 +40,7 @@ def test_every_kernel_has_a_magnitude(name, remat):
   kernels = {k: v for k, v in flat.items() if k[-1] == "kernel"}
   flat_mags = traverse_util.flatten_dict(mags)
   tied = {k: v for k, v in flat.items() if k in flat_mags and k[-1] == "embedding"}
-  assert bool(tied) == name in ("llama-tied", "t5-v1.0")  # a tied lm head: the embedding's rows, [vocab, 1]
+  assert bool(tied) == (name in ("llama-tied", "t5-v1.0"))  # a tied lm head: the embedding's rows, [vocab, 1]
   assert set(flat_mags) == set(kernels) | set(tied)
   for path, kernel in kernels.items():
     assert flat_mags[path].shape == kernel.shape[-1:], path
