@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -132,6 +133,9 @@ class RunCheckpoints:
     latest = self.latest()
     number = 0 if latest is None else latest + 1
     host = jax.tree.map(np.asarray, to_storable(state))
+    if jax.process_index() == 0:  # a failed save's temporary folder (its cleanup may still be running)
+      for stale in Path(self.folder).glob(f"{number}.orbax-checkpoint-tmp*"):
+        shutil.rmtree(stale, ignore_errors=True)
     try:
       self.manager.save(number, args=ocp.args.Composite(state=ocp.args.StandardSave(host),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
