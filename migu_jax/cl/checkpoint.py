@@ -22,6 +22,7 @@ the run's (other settings) is :class:`CheckpointMismatch`, not damage. A save th
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import warnings
@@ -137,9 +138,14 @@ class RunCheckpoints:
       for stale in Path(self.folder).glob(f"{number}.orbax-checkpoint-tmp*"):
         shutil.rmtree(stale, ignore_errors=True)
     try:
-      self.manager.save(number, args=ocp.args.Composite(state=ocp.args.StandardSave(host),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
-      self.manager.wait_until_finished()
+      try:
+        self._write(number, host, meta)
+      except OSError as e:  # a failed save's temporary folder was still being removed: once more
+        if e.errno != errno.ENOTEMPTY or jax.process_count() > 1:
+          raise
+        for stale in Path(self.folder).glob(f"{number}.orbax-checkpoint-tmp*"):
+          shutil.rmtree(stale, ignore_errors=True)
+        self._write(number, host, meta)
     except (OSError, ValueError, RuntimeError) as e:
       kept = ("no earlier checkpoint exists" if latest is None else
               f"checkpoint {latest}, the newest complete one, is intact and a new run resumes from it")
@@ -147,6 +153,11 @@ class RunCheckpoints:
           f"Could not write checkpoint {number} in {self.folder} ({type(e).__name__}: {str(e)[:300]}). Free "
           f"disk space or fix the permissions there, then run the same command again; {kept}.") from e
     return number
+
+  def _write(self, number: int, host, meta: dict) -> None:
+    self.manager.save(number, args=ocp.args.Composite(state=ocp.args.StandardSave(host),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+    self.manager.wait_until_finished()
 
   def read_meta(self, number: int | None = None) -> dict | None:
     """The ``meta`` item of checkpoint ``number`` (default: newest), or None if there is none."""
