@@ -21,10 +21,10 @@ the run's (other settings) is :class:`CheckpointMismatch`, not damage. A save th
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +94,29 @@ class _Damaged(Exception):
   """One checkpoint failed to read (internal: restore walks back past it)."""
 
 
+def _remove_settled(folder: Path, patience: float = 10.0) -> None:
+  """Removes ``folder`` once its contents stop changing (at most ``patience`` seconds).
+
+  When one item of a save fails, the other items' writes (tensorstore threads) can go on for a moment and
+  recreate folders under a temporary checkpoint folder; removing it while they do fails (ENOTEMPTY).
+  """
+  seen, deadline = None, time.monotonic() + patience
+  while time.monotonic() < deadline:
+    try:
+      now = sorted((str(p), p.stat().st_size) for p in folder.rglob("*"))
+    except OSError:  # changed while listed
+      now = None
+    if now is not None and now == seen:
+      break
+    seen = now
+    time.sleep(0.3)
+  for _ in range(3):
+    shutil.rmtree(folder, ignore_errors=True)
+    if not folder.exists():
+      return
+    time.sleep(0.3)
+
+
 class RunCheckpoints:
   """The checkpoints of one run (one method and seed) under ``folder``; a context manager (closes orbax).
 
@@ -105,14 +128,14 @@ class RunCheckpoints:
 
   def __init__(self, folder: str | os.PathLike, keep: int = 2):
     self.folder = Path(folder).absolute()
+    # Unfinished saves' temporary folders (a killed or failed save) are removed here, not by orbax's
+    # background cleanup: that thread races a save started right after it, or a failed save's late writes.
+    for stale in sorted(self.folder.glob("*.orbax-checkpoint-tmp*")) if jax.process_index() == 0 else ():
+      _remove_settled(stale)
     options = ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), enable_async_checkpointing=False,
-                                           create=True, cleanup_tmp_directories=True)
+                                           create=True, cleanup_tmp_directories=False)
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.folder, options=options, item_handlers=handlers)
-    # Orbax removes unfinished saves' temporary folders in the background; wait for it here, so that two
-    # managers of one folder in a process (a run, then its resume) never remove the same folder at once.
-    with contextlib.suppress(OSError):
-      getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
 
   def __enter__(self):
     return self
@@ -134,25 +157,30 @@ class RunCheckpoints:
     latest = self.latest()
     number = 0 if latest is None else latest + 1
     host = jax.tree.map(np.asarray, to_storable(state))
-    if jax.process_index() == 0:  # a failed save's temporary folder (its cleanup may still be running)
-      for stale in Path(self.folder).glob(f"{number}.orbax-checkpoint-tmp*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    self._remove_unfinished(number)
     try:
-      try:
-        self._write(number, host, meta)
-      except OSError as e:  # a failed save's temporary folder was still being removed: once more
-        if e.errno != errno.ENOTEMPTY or jax.process_count() > 1:
-          raise
-        for stale in Path(self.folder).glob(f"{number}.orbax-checkpoint-tmp*"):
-          shutil.rmtree(stale, ignore_errors=True)
-        self._write(number, host, meta)
+      for attempt in range(3):
+        try:
+          self._write(number, host, meta)
+          break
+        except OSError as e:  # an earlier failed save's late writes into its temporary folder: once more
+          if e.errno != errno.ENOTEMPTY or jax.process_count() > 1 or attempt == 2:
+            raise
+          self._remove_unfinished(number)
     except (OSError, ValueError, RuntimeError) as e:
       kept = ("no earlier checkpoint exists" if latest is None else
               f"checkpoint {latest}, the newest complete one, is intact and a new run resumes from it")
+      self._remove_unfinished(number)
       raise CheckpointSaveError(
           f"Could not write checkpoint {number} in {self.folder} ({type(e).__name__}: {str(e)[:300]}). Free "
           f"disk space or fix the permissions there, then run the same command again; {kept}.") from e
     return number
+
+  def _remove_unfinished(self, number: int) -> None:
+    """Removes checkpoint ``number``'s temporary folder left by a failed save (process 0)."""
+    if jax.process_index() == 0:
+      for stale in self.folder.glob(f"{number}.orbax-checkpoint-tmp*"):
+        _remove_settled(stale)
 
   def _write(self, number: int, host, meta: dict) -> None:
     self.manager.save(number, args=ocp.args.Composite(state=ocp.args.StandardSave(host),
