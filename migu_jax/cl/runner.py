@@ -54,11 +54,8 @@ from migu_jax.cl import heads as heads_lib
 from migu_jax.cl import methods as methods_lib
 from migu_jax.cl import report as report_lib
 from migu_jax.cl import tune as tune_lib
-from migu_jax.cl.data import DataError, Task, load_task, resolve_data_dir, resolve_order
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "CL_Benchmark"
-"""The benchmark copy next to the repository (used as the data default when it exists)."""
+from migu_jax.cl.data import DataError, Task, load_task, resolve_order
+from migu_jax.cl.locate import resolve_data_dir
 
 
 @dataclasses.dataclass
@@ -277,10 +274,8 @@ def _fingerprint(values: dict) -> str:
 
 def data_dir(cfg: Config) -> Path:
   """``cfg.data_dir``, else ``$MIGU_DATA_DIR``, else the shared copy next to the repository, else the
-  error of :func:`migu_jax.cl.data.resolve_data_dir`."""
-  if cfg.data_dir is None and not os.environ.get("MIGU_DATA_DIR") and SHARED_DATA.is_dir():
-    return SHARED_DATA
-  return resolve_data_dir(cfg.data_dir, tasks=resolve_order(cfg.order))
+  hub (see :func:`migu_jax.cl.locate.resolve_data_dir`)."""
+  return resolve_data_dir(cfg.data_dir, tasks=resolve_order(cfg.order), use_shared=True)
 
 
 def load_tasks(cfg: Config, seed: int) -> list[Task]:
