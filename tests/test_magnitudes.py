@@ -143,7 +143,7 @@ def test_other_mutable_collections_pass_through():
 def test_padding_aware_statistics_equal_those_of_the_unpadded_batch():
   from migu_jax.models import bert
 
-  config = bert.Config.preset("tiny")
+  config = bert.Config.of_size("tiny")
   model = bert.BertModel(config)
   lengths = [3, 7, 5]
   rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ needed. ``config.json``'s ``model_type`` picks the family:
 Example:
   >>> import jax.numpy as jnp, tempfile
   >>> from migu_jax.models import bert
-  >>> cfg = bert.Config.preset("tiny")
+  >>> cfg = bert.Config.of_size("tiny")
   >>> params = bert.params.init_params(cfg)
   >>> folder = tempfile.mkdtemp()
   >>> save_pretrained(bert.BertModel(cfg), params, folder)
