@@ -79,8 +79,9 @@ class Config:
   ``pad_multiple``, as the reference, or the fixed ``"buckets"``).
 
   Methods: ``methods`` (names from :data:`migu_jax.cl.methods.METHODS`, run side by side), ``seeds``,
-  ``ratio`` (MIGU's T), ``exact_count``, ``threshold`` (a rule of :data:`migu_jax.THRESHOLDS`;
-  ``exact_count`` means ``"top_k"``), ``padding_aware`` (padded positions do not count in the
+  ``ratio`` (MIGU's T), ``exact_count``, ``threshold`` (a rule of :data:`migu_jax.THRESHOLDS`; None:
+  ``"quantile"``, or ``"top_k"`` with ``exact_count``, which with another rule is an error; see
+  :func:`migu_jax.masking.resolve_threshold`), ``padding_aware`` (padded positions do not count in the
   magnitudes), ``mask_targets`` (the layers masked: ``("attention",)``, ``("ffn",)`` or regular expressions
   searched in kernel paths, see :data:`migu_jax.cl.methods.LAYER_TYPES`; empty: all),
   ``mask_tied_embedding`` (a tied LM head's embedding is masked by vocabulary row, as the reference's
@@ -134,7 +135,7 @@ class Config:
   seeds: tuple[int, ...] = (0,)
   ratio: float = 0.7
   exact_count: bool = False
-  threshold: str = "quantile"
+  threshold: str | None = None
   padding_aware: bool = False
   mask_targets: tuple[str, ...] = ()
   mask_tied_embedding: bool = True
@@ -208,6 +209,7 @@ class Config:
       raise ValueError("Config.seeds is empty; give at least one seed, e.g. (0,).")
     for name in self.methods:
       methods_lib.get_method(name)
+    migu.masking.resolve_threshold(self.exact_count, self.threshold)  # a contradiction fails here, not later
     if self.mode not in ("jit", "mesh"):
       raise ValueError(f"Config.mode={self.mode!r}; expected 'jit' (one device) or 'mesh' (every device of "
                        "every process, data-parallel).")
@@ -260,6 +262,8 @@ def _json_ready(value):
 
 def _identity(cfg: Config, method: str, seed: int) -> dict:
   values = {k: v for k, v in cfg.to_dict().items() if k not in _RUN_ONLY}
+  # Checkpoints written when the default threshold was "quantile" hold that value: None means it there.
+  values["threshold"] = values["threshold"] or "quantile"
   return _json_ready({**values, "method": method, "seed": seed})
 
 
@@ -698,6 +702,7 @@ def _check_identity(saved: dict, current: dict, where: Path) -> None:
   # A setting added to Config after the checkpoint was written counts as its default there.
   defaults = {f.name: _json_ready(f.default) for f in dataclasses.fields(Config)
               if f.default is not dataclasses.MISSING}
+  defaults["threshold"] = "quantile"  # as _identity writes the default None
   saved = {**{k: defaults[k] for k in current if k not in saved and k in defaults}, **saved}
   changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
   if changed:
