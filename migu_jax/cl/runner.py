@@ -48,6 +48,7 @@ import numpy as np
 from flax import traverse_util
 
 import migu_jax as migu
+from migu_jax.cl import atomic
 from migu_jax.cl import checkpoint as ckpt_lib
 from migu_jax.cl import faults
 from migu_jax.cl import heads as heads_lib
@@ -376,12 +377,6 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
   os.replace(tmp, path)
 
 
-def _write_json(path: Path, value) -> None:
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(value, indent=2, default=str))
-  os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------------
 # The train loop
 # --------------------------------------------------------------------------------------------------
@@ -595,7 +590,7 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
     state, meta = restored
     params, opt_state = placed.place(state["params"]), placed.place(state["opt_state"])
   if is_writer():
-    _write_json(folder / "config.json", identity)
+    atomic.write_json(folder / "config.json", identity)
 
   def save():  # every process calls it (orbax coordinates a multi-process save)
     number = checkpoints.save({"params": placed.fetch(params), "opt_state": placed.fetch(opt_state),
@@ -679,7 +674,7 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
   meta["params_sha256"] = params_digest(placed.fetch(params))
   result = report_lib.run_result(method_name, seed, tasks, meta, head.eval_mode)
   if is_writer():
-    _write_json(folder / "result.json", result)
+    atomic.write_json(folder / "result.json", result)
   return result
 
 
@@ -726,7 +721,7 @@ def _initial_accuracies(cfg: Config, seed: int, head, params, tasks, mode: str |
   row = evaluate(head, params, tasks, cfg=cfg, desc="eval initial model", mode=mode)
   if is_writer():
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, {"settings": values, "accuracies": row})
+    atomic.write_json(path, {"settings": values, "accuracies": row})
   return row
 
 
