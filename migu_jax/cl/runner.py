@@ -163,7 +163,7 @@ class Config:
   max_length: int = 128
   padding: str = "longest"
   pad_multiple: int = 8
-  length_buckets: tuple[int, ...] = (64, 96, 128)
+  length_buckets: tuple[int, ...] = heads_lib.LENGTH_BUCKETS
   temperature: float = 0.05
   learn_temperature: bool = True
   eval_batch_size: int = 32
