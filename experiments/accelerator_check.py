@@ -136,11 +136,11 @@ def main(argv=None) -> dict:
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"load average {os.getloadavg()[0]:.2f}", flush=True)
   if args.tiny:
-    cfg = llama.Config.preset("tiny", dtype=jnp.bfloat16)
+    cfg = llama.Config.of_size("tiny", dtype=jnp.bfloat16)
     batch, seq, repeats = 2, 16, 2
     args.train_per_class, args.max_test = min(args.train_per_class, 2), min(args.max_test, 4)
   else:
-    cfg = llama.Config.preset("smollm2-135m", dtype=jnp.bfloat16)
+    cfg = llama.Config.of_size("smollm2-135m", dtype=jnp.bfloat16)
     batch, seq, repeats = args.batch, args.seq, args.repeats
   out = {}
   r = out["migu"] = migu_ratio(cfg, batch, seq, repeats)

@@ -78,9 +78,9 @@ def _load(kind, random_init):
     return from_pretrained("minilm" if kind == "minilm" else "smollm2-135m")[:2]
   from migu_jax.models import bert, llama
   if kind == "minilm":
-    cfg = bert.Config.preset("minilm-l6")
+    cfg = bert.Config.of_size("minilm-l6")
     return bert.BertModel(cfg), bert.params.init_params(cfg)
-  cfg = llama.Config.preset("smollm2-135m")
+  cfg = llama.Config.of_size("smollm2-135m")
   params = llama.params.init_params(cfg)
   # Flax's Embed init has std 1; HF's 0.02 keeps the tied logits (and loss) sane.
   params["embed"]["embedding"] = params["embed"]["embedding"] * 0.02

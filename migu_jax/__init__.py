@@ -17,6 +17,7 @@ from migu_jax.magnitudes import COLLECTION
 from migu_jax.magnitudes import LINEAR_MODULES
 from migu_jax.magnitudes import apply_with_magnitudes
 from migu_jax.magnitudes import magnitude_paths
+from migu_jax.magnitudes import sum_abs
 from migu_jax.masking import THRESHOLDS
 from migu_jax.masking import MaskState
 from migu_jax.masking import StrictMaskState
@@ -60,4 +61,5 @@ __all__ = (
     "mask_by_magnitude",
     "random_mask",
     "strict_mask_by_magnitude",
+    "sum_abs",
 )

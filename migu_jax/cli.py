@@ -52,12 +52,32 @@ def load_config_module(path: str):
   return module
 
 
-def load_config_file(path: str) -> dict:
-  """``get_config()`` of a Python config file, as a dict."""
+def split_config_arg(arg: str) -> tuple[str, str | None]:
+  """``"file.py:variant"`` -> ``("file.py", "variant")``; ``"file.py"`` -> ``("file.py", None)``."""
+  path, sep, variant = arg.rpartition(":")
+  if sep and path.endswith(".py") and variant and "/" not in variant and "\\" not in variant:
+    return path, variant
+  return arg, None
+
+
+def load_config_file(arg: str) -> dict:
+  """The settings of ``--config``, as a dict (big_vision style).
+
+  ``file.py`` is its ``get_config()``; ``file.py:variant`` is ``get_configs()[variant]``, one named variant
+  of a file that defines several (its docstring names them and the command of each).
+  """
+  path, variant = split_config_arg(arg)
   module = load_config_module(path)
-  if not hasattr(module, "get_config"):
-    raise SystemExit(f"migu-jax: {path} has no get_config() function returning the settings.")
-  config = module.get_config()
+  if variant is None:
+    if not hasattr(module, "get_config"):
+      raise SystemExit(f"migu-jax: {path} has no get_config() function returning the settings.")
+    config = module.get_config()
+  else:
+    variants = module.get_configs() if hasattr(module, "get_configs") else {}
+    if variant not in variants:
+      raise SystemExit(f"migu-jax: {path} has no variant {variant!r} in get_configs(); choose one of "
+                       f"{sorted(variants)} (--config {path}:NAME).")
+    config = variants[variant]
   return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
@@ -175,7 +195,8 @@ def parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="command", required=True)
 
   run = sub.add_parser("run", help="train methods on a task sequence, evaluate after every task, report")
-  run.add_argument("--config", help="a Python file whose get_config() returns the settings")
+  run.add_argument("--config", help="a Python file whose get_config() returns the settings, or FILE.py:VARIANT "
+                   "for get_configs()[VARIANT]")
   run.add_argument("--model", help="preset (minilm, smollm2-135m), local Hugging Face folder, or hub id")
   run.add_argument("--head", help="encoder, causal_lm or seq2seq (default: by model family)")
   run.add_argument("--eval-mode", help="language models: options (log-likelihood) or generate (exact match)")

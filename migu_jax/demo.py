@@ -13,8 +13,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -24,9 +22,8 @@ import optax
 
 import migu_jax as migu
 from migu_jax.cl import data as cl_data
+from migu_jax.cl.locate import resolve_data_dir
 from migu_jax.models import bert, from_pretrained, mean_pool
-
-_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "CL_Benchmark"
 
 
 class Classifier(nn.Module):
@@ -43,11 +40,11 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=8)
   parser.add_argument("--ratio", type=float, default=0.7)
   parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--data-dir", default=os.environ.get("MIGU_DATA_DIR") or (_SHARED if _SHARED.is_dir() else None))
+  parser.add_argument("--data-dir", help="default: $MIGU_DATA_DIR, else ../shared/data/CL_Benchmark, else the hub")
   args = parser.parse_args(argv)
 
   encoder, encoder_params, tokenizer = from_pretrained("minilm")
-  task = cl_data.load_task(cl_data.resolve_data_dir(args.data_dir), "sst-2")
+  task = cl_data.load_task(resolve_data_dir(args.data_dir, use_shared=True), "sst-2")
   records = list(cl_data.sample_per_class(task.train, args.batch * args.steps // 2, seed=0))
   rng = np.random.default_rng(0)
   rng.shuffle(records)

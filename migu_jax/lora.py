@@ -380,6 +380,27 @@ def apply_with_lora(
     gradient is zero too).
   """
   _check_rank("apply_with_lora", rank)
+  _check_dropout(dropout, dropout_rng)
+  layers = _lora_layers(_params_of(variables), lora, rank, "apply_with_lora")
+  ran: set[Path] = set()
+  interceptor = _adapter_interceptor(layers, alpha / rank, dropout, ran)
+  run = _run_inside(interceptor, kwargs.pop("method", None))
+  extra = _magnitudes.mutable_list(kwargs.pop("mutable", False))
+  if dropout > 0.0:
+    rngs = kwargs.pop("rngs", None) or {}
+    rngs = dict(rngs) if isinstance(rngs, dict) else {"params": rngs}
+    kwargs["rngs"] = {**rngs, DROPOUT_RNG: dropout_rng}
+  (outputs, state), mags = _magnitudes.apply_with_magnitudes(
+      module, variables, *args, method=run, mutable=[LORA_COLLECTION, *extra], **kwargs
+  )
+  state = dict(state)
+  result = _adapter_magnitudes(layers, ran, state.pop(LORA_COLLECTION, {}), mags)
+  if extra:
+    outputs = (outputs, state)
+  return outputs, result
+
+
+def _check_dropout(dropout: float, dropout_rng) -> None:
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f"apply_with_lora: dropout={dropout} must be in [0, 1).")
   if dropout > 0.0 and dropout_rng is None:
@@ -387,9 +408,37 @@ def apply_with_lora(
         f"apply_with_lora: dropout={dropout} needs dropout_rng=jax.random.key(...);"
         " for evaluation pass dropout=0.0."
     )
-  layers = _lora_layers(_params_of(variables), lora, rank, "apply_with_lora")
-  scale = alpha / rank
-  ran: set[Path] = set()
+
+
+def _check_adaptable(mod: nn.Module, path: Path) -> None:
+  if not isinstance(mod, ADAPTABLE) or getattr(mod, "batch_dims", ()):
+    raise ValueError(
+        f"apply_with_lora: the LoRA tree adapts {_name(path)}, a"
+        f" {type(mod).__name__}{' with batch_dims' if isinstance(mod, nn.DenseGeneral) else ''};"
+        " LoRA adapts only nn.Dense and nn.DenseGeneral (without batch_dims)."
+        " Leave it out with init_lora(..., targets=...)."
+    )
+
+
+def _input_axes(mod: nn.Module, x: jax.Array, a: jax.Array, path: Path) -> tuple[int, ...]:
+  """The input axes of ``x`` that the layer (and so ``A``) contracts, non-negative."""
+  axis = mod.axis if isinstance(mod, nn.DenseGeneral) else -1
+  axis = tuple(ax % x.ndim for ax in (axis if isinstance(axis, tuple) else (axis,)))
+  if len(axis) != a.ndim - 1:
+    raise ValueError(
+        f"apply_with_lora: {_name(path)} contracts {len(axis)} input axes, but its"
+        f" lora_a {a.shape} has {a.ndim - 1}; make the LoRA tree with"
+        " init_lora(..., module=model, inputs=...) so the axes are split right."
+    )
+  return axis
+
+
+def _adapter_interceptor(layers, scale: float, dropout: float, ran: set[Path]):
+  """The interceptor that adds ``(dropout(x) A) B * scale`` to each adapted layer's output.
+
+  It sows ``sum |x A|`` per rank component into :data:`LORA_COLLECTION` and records in ``ran`` the
+  adapted layers that were called.
+  """
 
   def interceptor(next_fun, call_args, call_kwargs, context):
     y = next_fun(*call_args, **call_kwargs)
@@ -397,23 +446,10 @@ def apply_with_lora(
     path = tuple(mod.scope.path)
     if context.method_name != "__call__" or path not in layers:
       return y
-    if not isinstance(mod, ADAPTABLE) or getattr(mod, "batch_dims", ()):
-      raise ValueError(
-          f"apply_with_lora: the LoRA tree adapts {_name(path)}, a"
-          f" {type(mod).__name__}{' with batch_dims' if isinstance(mod, nn.DenseGeneral) else ''};"
-          " LoRA adapts only nn.Dense and nn.DenseGeneral (without batch_dims)."
-          " Leave it out with init_lora(..., targets=...)."
-      )
+    _check_adaptable(mod, path)
     a, b = layers[path]
     x = call_args[0] if call_args else call_kwargs["inputs"]
-    axis = mod.axis if isinstance(mod, nn.DenseGeneral) else -1
-    axis = tuple(ax % x.ndim for ax in (axis if isinstance(axis, tuple) else (axis,)))
-    if len(axis) != a.ndim - 1:
-      raise ValueError(
-          f"apply_with_lora: {_name(path)} contracts {len(axis)} input axes, but its"
-          f" lora_a {a.shape} has {a.ndim - 1}; make the LoRA tree with"
-          " init_lora(..., module=model, inputs=...) so the axes are split right."
-      )
+    axis = _input_axes(mod, x, a, path)
     x = x.astype(jnp.promote_types(x.dtype, a.dtype))
     if dropout > 0.0:
       keep = jax.random.bernoulli(mod.make_rng(DROPOUT_RNG), 1.0 - dropout, x.shape)
@@ -423,18 +459,22 @@ def apply_with_lora(
         x, a.astype(x.dtype), ((axis, tuple(range(len(axis)))), ((), ())),
         precision=mod.precision,
     )
-    stat = _magnitudes._sum_abs(xa, (xa.ndim - 1,))
-    mod.sow(LORA_COLLECTION, "lora_a", stat, init_fn=_magnitudes._zeros_like(stat),
-            reduce_fn=jnp.add)
+    _magnitudes.sow_sum(mod, LORA_COLLECTION, "lora_a", _magnitudes.sum_abs(xa, (xa.ndim - 1,)))
     ran.add(path)
     delta = jnp.tensordot(xa, b.astype(xa.dtype), axes=1, precision=mod.precision)
     return y + (delta * scale).astype(y.dtype)
 
-  user_method = kwargs.pop("method", None)
+  return interceptor
+
+
+def _run_inside(interceptor, user_method):
+  """A ``method`` for ``module.apply`` that calls ``user_method`` (default ``__call__``) under ``interceptor``.
+
+  It runs inside :func:`migu_jax.apply_with_magnitudes`' own interceptor, so the LoRA interceptor is
+  the inner one and the magnitudes see the adapted output.
+  """
 
   def run(mod, *call_args, **call_kwargs):
-    # Entered inside apply_with_magnitudes' own interceptor, so the LoRA
-    # interceptor is the inner one and the magnitudes see the adapted output.
     with nn.intercept_methods(interceptor):
       if user_method is None:
         return mod(*call_args, **call_kwargs)
@@ -442,18 +482,12 @@ def apply_with_lora(
         return getattr(mod, user_method)(*call_args, **call_kwargs)
       return user_method(mod, *call_args, **call_kwargs)
 
-  mutable = kwargs.pop("mutable", False)
-  extra = [] if mutable is False else ([mutable] if isinstance(mutable, str) else list(mutable))
-  if dropout > 0.0:
-    rngs = kwargs.pop("rngs", None) or {}
-    rngs = dict(rngs) if isinstance(rngs, dict) else {"params": rngs}
-    kwargs["rngs"] = {**rngs, DROPOUT_RNG: dropout_rng}
-  (outputs, state), mags = _magnitudes.apply_with_magnitudes(
-      module, variables, *args, method=run, mutable=[LORA_COLLECTION, *extra], **kwargs
-  )
-  state = dict(state)
-  flat_a = _flat(state.pop(LORA_COLLECTION, {}))
-  flat_mags = _flat(mags)
+  return run
+
+
+def _adapter_magnitudes(layers, ran: set[Path], sown_a, mags):
+  """``{path: {"lora_a": sum |x A|, "lora_b": sum |y|}}``; zeros for an adapted layer that did not run."""
+  flat_a, flat_mags = _flat(sown_a), _flat(mags)
   result = {}
   for path, (a, b) in layers.items():
     if path in ran:
@@ -462,9 +496,7 @@ def apply_with_lora(
     else:
       result[(*path, "lora_a")] = jnp.zeros(a.shape[-1:], jnp.float32)
       result[(*path, "lora_b")] = jnp.zeros(b.shape[1:], jnp.float32)
-  if extra:
-    outputs = (outputs, state)
-  return outputs, traverse_util.unflatten_dict(result)
+  return traverse_util.unflatten_dict(result)
 
 
 def merge_lora(params, lora, *, alpha: float, rank: int):

@@ -62,8 +62,18 @@ def _sum_leading(x: jax.Array, fan_in: int = 8) -> jax.Array:
   return x[0]
 
 
-def _sum_abs(y: jax.Array, keep_axes: tuple[int, ...]) -> jax.Array:
-  """Sum of |y| in float32 over every axis not in ``keep_axes``; not differentiated."""
+def sum_abs(y: jax.Array, keep_axes: tuple[int, ...]) -> jax.Array:
+  """MIGU's statistic: the float32 sum of ``|y|`` over every axis of ``y`` not in ``keep_axes``.
+
+  ``keep_axes`` are the output-feature axes (``(y.ndim - 1,)`` for a dense layer's ``[..., features]``
+  output); they stay, in ``y``'s order. ``y`` is not differentiated through. Every capture (linen,
+  :mod:`migu_jax.nnx`, :mod:`migu_jax.lora`) computes its statistics with this function.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> sum_abs(jnp.array([[1.0, -2.0], [-3.0, 4.0]]), (1,))
+    Array([4., 6.], dtype=float32)
+  """
   reduce = [a for a in range(y.ndim) if a not in keep_axes]
   magnitude = jnp.abs(jax.lax.stop_gradient(y).astype(jnp.float32))
   magnitude = jnp.transpose(magnitude, reduce + sorted(keep_axes))  # kept axes in y's order
@@ -71,7 +81,7 @@ def _sum_abs(y: jax.Array, keep_axes: tuple[int, ...]) -> jax.Array:
   return _sum_leading(magnitude.reshape(-1, *kept_shape) if reduce else magnitude[None])
 
 
-def _einsum_statistic(einsum_str: str, y: jax.Array) -> jax.Array:
+def einsum_statistic(einsum_str: str, y: jax.Array) -> jax.Array:
   """Statistic of an ``nn.Einsum`` output, shaped like the kernel's trailing axes.
 
   Kernel axes that appear in the output are output features; contracted kernel
@@ -88,7 +98,7 @@ def _einsum_statistic(einsum_str: str, y: jax.Array) -> jax.Array:
   n_ellipsis = y.ndim - len(out_spec.replace("...", ""))
   out_axes = out_spec.replace("...", "." * n_ellipsis)
   kept = [out_axes.index(c) for c in kernel_spec if c in out_axes]
-  stat = _sum_abs(y, tuple(kept))
+  stat = sum_abs(y, tuple(kept))
   # Order the kept axes as in the kernel, then insert size-1 contracted axes.
   order = sorted(range(len(kept)), key=lambda i: kept[i])
   stat = jnp.transpose(stat, [order.index(i) for i in range(len(kept))])
@@ -101,28 +111,37 @@ def output_statistic(module: nn.Module, y: jax.Array, args, kwargs) -> jax.Array
   """The float32 sum of |y| per output feature of one linear-layer call."""
   if isinstance(module, nn.Einsum):
     einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-    return _einsum_statistic(einsum_str or module.einsum_str, y)
+    return einsum_statistic(einsum_str or module.einsum_str, y)
   if isinstance(module, nn.DenseGeneral):
     n_features = len(module.features) if isinstance(module.features, tuple) else 1
     batch_dims = module.batch_dims if isinstance(module.batch_dims, tuple) else (module.batch_dims,)
     # dot_general output: [batch dims] + [free input dims] + [features].
     n_batch = len(batch_dims)
-    stat = _sum_abs(y, tuple(range(n_batch)) + tuple(range(y.ndim - n_features, y.ndim)))
+    stat = sum_abs(y, tuple(range(n_batch)) + tuple(range(y.ndim - n_features, y.ndim)))
     n_in = len(module.axis) if isinstance(module.axis, tuple) else 1
     return stat.reshape(stat.shape[:n_batch] + (1,) * (n_in if n_batch else 0) + stat.shape[n_batch:])
-  return _sum_abs(y, (y.ndim - 1,))  # nn.Dense
+  return sum_abs(y, (y.ndim - 1,))  # nn.Dense
 
 
 def tied_head_statistic(y: jax.Array) -> jax.Array:
   """Statistic of an ``nn.Embed.attend`` output ``[..., vocab]``: ``[vocab, 1]``, one per embedding row."""
-  return _sum_abs(y, (y.ndim - 1,))[:, None]
+  return sum_abs(y, (y.ndim - 1,))[:, None]
 
 
-def _zeros_like(stat):
-  return lambda: jnp.zeros(stat.shape, jnp.float32)
+def sow_sum(module: nn.Module, collection: str, name: str, stat: jax.Array) -> None:
+  """Adds ``stat`` to ``module``'s ``collection/name``, which starts at float32 zeros.
+
+  Several calls of one layer (a shared layer, an encoder run twice) sum into one statistic.
+  """
+  module.sow(collection, name, stat, init_fn=lambda: jnp.zeros(stat.shape, jnp.float32), reduce_fn=jnp.add)
 
 
-def _token_weights(token_mask, path: tuple[str, ...], y: jax.Array):
+def mutable_list(mutable) -> list[str]:
+  """``module.apply``'s ``mutable`` argument (False, a name or names) as a list of collection names."""
+  return [] if mutable is False else ([mutable] if isinstance(mutable, str) else list(mutable))
+
+
+def token_weights(token_mask, path: tuple[str, ...], y: jax.Array):
   """The 0/1 token mask that applies to the output ``y`` of the layer at ``path``.
 
   ``token_mask`` is one ``[batch, seq]`` array, or a mapping from a module-path
@@ -207,13 +226,13 @@ def apply_with_magnitudes(
     else:
       return y
     path = tuple(mod.scope.path)
-    weights = _token_weights(token_mask, path, y)
+    weights = token_weights(token_mask, path, y)
     stat = statistic(y if weights is None else y * weights)
-    mod.sow(COLLECTION, name, stat, init_fn=_zeros_like(stat), reduce_fn=jnp.add)
+    sow_sum(mod, COLLECTION, name, stat)
     captured.add((path, name, stat.ndim, mod.variables["params"][name].ndim))
     return y
 
-  extra = [] if mutable is False else ([mutable] if isinstance(mutable, str) else list(mutable))
+  extra = mutable_list(mutable)
   with nn.intercept_methods(interceptor):
     outputs, state = module.apply(variables, *args, mutable=[COLLECTION, *extra], **kwargs)
   state = dict(state)

@@ -391,9 +391,17 @@ def mask_by_importance(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _threshold(exact_count: bool, threshold: str | Callable | None):
+def resolve_threshold(exact_count: bool, threshold: str | Callable | None) -> str | Callable:
+  """The threshold rule of ``exact_count`` and ``threshold``: ``"top_k"`` with ``exact_count``, else
+  ``threshold``, else ``"quantile"``; an ``exact_count`` beside another rule is an error.
+
+  Example:
+    >>> resolve_threshold(True, None), resolve_threshold(False, None), resolve_threshold(False, "l1_mass")
+    ('top_k', 'quantile', 'l1_mass')
+  """
   if exact_count and threshold not in (None, "top_k"):
-    raise ValueError(f"mask_by_magnitude: exact_count=True is threshold='top_k', not {threshold!r}.")
+    raise ValueError(f"exact_count=True is threshold='top_k', not {threshold!r}: leave threshold unset (None) or "
+                     "drop exact_count.")
   return "top_k" if exact_count else (threshold or "quantile")
 
 
@@ -473,7 +481,7 @@ def mask_by_magnitude(
     Findings of EMNLP 2024 (arXiv:2406.17245).
   """
   return mask_by_importance(
-      ratio, importance_lib.output_magnitude(), threshold=_threshold(exact_count, threshold),
+      ratio, importance_lib.output_magnitude(), threshold=resolve_threshold(exact_count, threshold),
       enabled=enabled, axis_name=axis_name, where=where or is_output_layer, stacked_axes=stacked_axes,
   )
 
@@ -507,7 +515,7 @@ def strict_mask_by_magnitude(
     >>> tx = migu.strict_mask_by_magnitude(0.7, optax.adamw(1e-3))
   """
   return mask_by_importance(
-      ratio, importance_lib.output_magnitude(), threshold=_threshold(exact_count, threshold),
+      ratio, importance_lib.output_magnitude(), threshold=resolve_threshold(exact_count, threshold),
       enabled=enabled, axis_name=axis_name, where=where or is_output_layer, stacked_axes=stacked_axes,
       optimizer=optimizer,
   )

@@ -54,9 +54,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from migu_jax.magnitudes import _einsum_statistic
-from migu_jax.magnitudes import _sum_abs
-from migu_jax.magnitudes import _token_weights
+from migu_jax.magnitudes import einsum_statistic
+from migu_jax.magnitudes import sum_abs
+from migu_jax.magnitudes import token_weights
 
 LINEAR_MODULES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 """NNX module types whose calls are captured (subclasses included)."""
@@ -105,13 +105,13 @@ def _call_statistic(layer: nnx.Module, y: jax.Array, args, kwargs) -> jax.Array:
   """The float32 ``sum |y|`` per output feature of one call."""
   if isinstance(layer, nnx.Einsum):
     einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-    return _einsum_statistic(einsum_str or layer.einsum_str, y)
+    return einsum_statistic(einsum_str or layer.einsum_str, y)
   if isinstance(layer, nnx.LinearGeneral):
     n_batch, n_out = len(layer.batch_axis), len(layer.out_features)
-    stat = _sum_abs(y, tuple(range(n_batch)) + tuple(range(y.ndim - n_out, y.ndim)))
+    stat = sum_abs(y, tuple(range(n_batch)) + tuple(range(y.ndim - n_out, y.ndim)))
     n_in = len(layer.in_features) if n_batch else 0
     return stat.reshape(stat.shape[:n_batch] + (1,) * n_in + stat.shape[n_batch:])
-  return _sum_abs(y, (y.ndim - 1,))
+  return sum_abs(y, (y.ndim - 1,))
 
 
 # ---------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def _capturing_call(self, *args, **kwargs):
     return y  # not captured here (e.g. the same instance run by another thread)
   capture = active[acc.get_metadata("depth")]
   path = acc.get_metadata("path")
-  weights = _token_weights(capture.token_mask, tuple(map(str, path)), y)
+  weights = token_weights(capture.token_mask, tuple(map(str, path)), y)
   stat = _call_statistic(self, y if weights is None else y * weights, args, kwargs)
   if acc.get_value().shape != stat.shape:
     raise ValueError(_shape_mismatch(path, acc, stat.shape))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from migu_jax.cl import data, hub, prompts
+from migu_jax.cl import data, hub, locate, prompts
 from migu_jax.cl.data import DataError, HeldOutSplit, Record
 
 # The repository's parent folder holds shared/ (a partial local copy of O-LoRA's CL_Benchmark).
@@ -76,17 +76,17 @@ def test_resolve_data_dir_flag_then_env(tmp_path, monkeypatch):
   flag.mkdir()
   env.mkdir()
   monkeypatch.setenv(data.DATA_DIR_ENV, str(env))
-  assert data.resolve_data_dir(str(flag)) == flag
-  assert data.resolve_data_dir(None) == env
+  assert locate.resolve_data_dir(str(flag)) == flag
+  assert locate.resolve_data_dir(None) == env
   with pytest.raises(DataError, match="--data-dir points at .*not a folder"):
-    data.resolve_data_dir(str(tmp_path / "missing"))
+    locate.resolve_data_dir(str(tmp_path / "missing"))
 
 
 def test_resolve_data_dir_offline_says_how_to_point_at_data(tmp_path, monkeypatch):
   monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # hub_reachable() answers False without touching the network
   with pytest.raises(DataError) as e:
-    data.resolve_data_dir(None, cache_dir=tmp_path / "cache")
+    locate.resolve_data_dir(None, cache_dir=tmp_path / "cache")
   msg = str(e.value)
   assert "--data-dir" in msg and data.DATA_DIR_ENV in msg and "shared/data/CL_Benchmark" in msg
 
@@ -95,7 +95,7 @@ def test_resolve_data_dir_reuses_a_built_cache(tmp_path, monkeypatch):
   monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   write_task(tmp_path / "cache", GOOD)
-  assert data.resolve_data_dir(None, tasks=["Cat/toy"], cache_dir=tmp_path / "cache") == tmp_path / "cache"
+  assert locate.resolve_data_dir(None, tasks=["Cat/toy"], cache_dir=tmp_path / "cache") == tmp_path / "cache"
 
 # ------------------------------------------------------------------------------------------ real tasks
 

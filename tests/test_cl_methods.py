@@ -128,3 +128,13 @@ def test_optimizer_state_is_reset_at_each_task_unless_asked_to_carry_it(tiny_mod
   base = runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "reset"), "migu", 0)
   kept = runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "kept", reset_optimizer=False), "migu", 0)
   assert kept["params_sha256"] != base["params_sha256"]
+
+
+def test_one_threshold_resolver_for_config_and_masks():
+  from migu_jax.cl import methods, runner
+  assert methods._threshold(runner.Config(exact_count=True)) == "top_k"
+  assert methods._threshold(runner.Config()) == "quantile"
+  with pytest.raises(ValueError, match="exact_count=True is threshold='top_k'"):
+    runner.Config(exact_count=True, threshold="l1_mass")
+  old = runner._identity(runner.Config(), "migu", 0)  # checkpoints of the old default resume
+  assert old["threshold"] == "quantile"

@@ -56,16 +56,16 @@ def tiny_models(tmp_path_factory):
   texts = _texts()
   out = {}
   tok = _tokenizer(texts, "bert")
-  cfg = bert.Config.preset("tiny", vocab_size=len(tok), max_position_embeddings=32)
+  cfg = bert.Config.of_size("tiny", vocab_size=len(tok), max_position_embeddings=32)
   save_pretrained(bert.BertModel(cfg), bert.params.init_params(cfg), root / "bert", tokenizer=tok)
   out["bert"] = str(root / "bert")
   lm_tok = _tokenizer(texts, "lm")
   eos = lm_tok.eos_token_id
-  lcfg = llama.Config.preset("tiny", vocab_size=len(lm_tok), num_hidden_layers=1, eos_token_id=eos,
+  lcfg = llama.Config.of_size("tiny", vocab_size=len(lm_tok), num_hidden_layers=1, eos_token_id=eos,
                              pad_token_id=0, bos_token_id=None)
   save_pretrained(llama.LlamaForCausalLM(lcfg), llama.params.init_params(lcfg), root / "llama", tokenizer=lm_tok)
   out["llama"] = str(root / "llama")
-  tcfg = t5.Config.preset("tiny", vocab_size=len(lm_tok), num_layers=1, eos_token_id=eos, pad_token_id=0)
+  tcfg = t5.Config.of_size("tiny", vocab_size=len(lm_tok), num_layers=1, eos_token_id=eos, pad_token_id=0)
   save_pretrained(t5.T5ForConditionalGeneration(tcfg), t5.params.init_params(tcfg), root / "t5", tokenizer=lm_tok)
   out["t5"] = str(root / "t5")
   return out

@@ -76,3 +76,17 @@ def test_errors_name_the_problem(tiny_models, tmp_path, capsys):  # noqa: F811
 def test_console_script_is_declared():
   scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
   assert scripts.get("migu-jax") == "migu_jax.cli:main"
+
+
+def test_config_file_variant_is_get_configs_entry(tmp_path):
+  from migu_jax import cli
+  file = tmp_path / "exp.py"
+  file.write_text("from migu_jax.cl.runner import Config\n"
+                  "def get_configs():\n  return {'a': Config(ratio=0.5), 'b': Config(ratio=0.6)}\n"
+                  "def get_config():\n  return get_configs()['a']\n")
+  assert cli.split_config_arg(f"{file}:b") == (str(file), "b")
+  assert cli.split_config_arg(str(file)) == (str(file), None)
+  assert cli.load_config_file(f"{file}:b")["ratio"] == 0.6
+  assert cli.load_config_file(str(file))["ratio"] == 0.5
+  with pytest.raises(SystemExit, match=r"no variant 'c'.*\['a', 'b'\]"):
+    cli.load_config_file(f"{file}:c")

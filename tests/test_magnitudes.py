@@ -143,7 +143,7 @@ def test_other_mutable_collections_pass_through():
 def test_padding_aware_statistics_equal_those_of_the_unpadded_batch():
   from migu_jax.models import bert
 
-  config = bert.Config.preset("tiny")
+  config = bert.Config.of_size("tiny")
   model = bert.BertModel(config)
   lengths = [3, 7, 5]
   rng = np.random.default_rng(0)
@@ -171,12 +171,12 @@ def test_token_mask_for_another_sequence_length_names_the_layer():
 
 @pytest.mark.parametrize("keep", [(2,), (0, 2), (1,), ()])
 def test_the_statistic_is_the_sum_of_abs_over_the_other_axes(keep):
-  from migu_jax.magnitudes import _sum_abs
+  from migu_jax.magnitudes import sum_abs
 
   y = jax.random.normal(jax.random.key(0), (3, 13, 7)).astype(jnp.bfloat16)
   axes = tuple(a for a in range(3) if a not in keep)
   expected = jnp.sum(jnp.abs(y.astype(jnp.float32)), axis=axes)
-  got = _sum_abs(y, keep)
+  got = sum_abs(y, keep)
   assert got.dtype == jnp.float32 and got.shape == expected.shape
   np.testing.assert_allclose(got, expected, rtol=1e-6)
-  assert jax.grad(lambda y: _sum_abs(y, keep).sum())(y.astype(jnp.float32)).sum() == 0  # not differentiated
+  assert jax.grad(lambda y: sum_abs(y, keep).sum())(y.astype(jnp.float32)).sum() == 0  # not differentiated

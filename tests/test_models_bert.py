@@ -229,3 +229,10 @@ def test_hub_id_goes_through_snapshot_download(tmp_path, monkeypatch):
   monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
   with pytest.raises(OSError, match="Without a network, pass a local folder or a preset"):
     from_pretrained("someone/tiny-bert")
+
+
+def test_config_preset_is_a_deprecated_alias_of_of_size():
+  from migu_jax.models import bert
+  with pytest.warns(DeprecationWarning, match="of_size"):
+    old = bert.Config.preset("tiny", num_hidden_layers=1)
+  assert old == bert.Config.of_size("tiny", num_hidden_layers=1)

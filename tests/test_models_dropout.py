@@ -22,13 +22,13 @@ def _build(family, **overrides):
   ids = jnp.asarray(rng.integers(2, 60, (2, 7)), jnp.int32)
   mask = jnp.asarray([[1] * 7, [1] * 5 + [0] * 2], jnp.int32)
   if family == "bert":
-    model = bert.BertModel(bert.Config.preset("tiny", **{**RATES["bert"], **overrides}))
+    model = bert.BertModel(bert.Config.of_size("tiny", **{**RATES["bert"], **overrides}))
     args = (ids, mask)
   elif family == "t5":
-    model = t5.T5ForConditionalGeneration(t5.Config.preset("tiny", **{**RATES["t5"], **overrides}))
+    model = t5.T5ForConditionalGeneration(t5.Config.of_size("tiny", **{**RATES["t5"], **overrides}))
     args = (ids, mask, ids[:, :4], mask[:, :4])
   else:
-    model = llama.LlamaForCausalLM(llama.Config.preset("tiny", **{**RATES["llama"], **overrides}))
+    model = llama.LlamaForCausalLM(llama.Config.of_size("tiny", **{**RATES["llama"], **overrides}))
     args = (ids, mask)
   params = model.init(jax.random.key(0), *args)["params"]
   return model, params, args

@@ -14,17 +14,17 @@ MASK = (IDS != 0).astype(jnp.int32)
 
 def _family(name, remat):
   if name == "bert":
-    cfg = bert.Config.preset("tiny", add_pooler=True, remat=remat)
+    cfg = bert.Config.of_size("tiny", add_pooler=True, remat=remat)
     return bert.BertModel(cfg), bert.params.init_params(cfg), (IDS, MASK)
   if name == "roberta":
-    cfg = bert.Config.preset("tiny", model_type="roberta", pad_token_id=1, type_vocab_size=1,
+    cfg = bert.Config.of_size("tiny", model_type="roberta", pad_token_id=1, type_vocab_size=1,
                              remat=remat)
     return bert.BertModel(cfg), bert.params.init_params(cfg), (IDS, MASK)
   if name.startswith("llama"):
-    cfg = llama.Config.preset("tiny", tie_word_embeddings=name == "llama-tied", remat=remat)
+    cfg = llama.Config.of_size("tiny", tie_word_embeddings=name == "llama-tied", remat=remat)
     return llama.LlamaForCausalLM(cfg), llama.params.init_params(cfg), (IDS, MASK)
   ff = "relu" if name == "t5-v1.0" else "gated-gelu"
-  cfg = t5.Config.preset("tiny", feed_forward_proj=ff, tie_word_embeddings=ff == "relu",
+  cfg = t5.Config.of_size("tiny", feed_forward_proj=ff, tie_word_embeddings=ff == "relu",
                          remat=remat)
   return (t5.T5ForConditionalGeneration(cfg), t5.params.init_params(cfg),
           (IDS, MASK, IDS[:, :3]))

@@ -29,13 +29,13 @@ def _lm_loss(model, params, ids, **kw):
 def test_tied_head_statistic_is_sum_abs_logits_per_vocabulary_entry(family):
   ids = jnp.asarray(np.random.default_rng(0).integers(3, 100, (2, 5)), jnp.int32)
   if family == "llama":
-    cfg = llama.Config.preset("tiny")
+    cfg = llama.Config.of_size("tiny")
     model = llama.LlamaForCausalLM(cfg)
     params = llama.params.init_params(cfg)
     args = (ids,)
     embed = "embed"
   else:
-    cfg = t5.Config.preset("tiny", tie_word_embeddings=True, scale_decoder_outputs=True)
+    cfg = t5.Config.of_size("tiny", tie_word_embeddings=True, scale_decoder_outputs=True)
     model = t5.T5ForConditionalGeneration(cfg)
     params = t5.params.init_params(cfg)
     args = (ids, jnp.ones_like(ids), ids, jnp.ones_like(ids))
@@ -51,7 +51,7 @@ def test_tied_head_statistic_is_sum_abs_logits_per_vocabulary_entry(family):
 def test_tied_embedding_rows_masked_by_default_and_left_out_on_request(tmp_path):
   from migu_jax.models import from_pretrained, save_pretrained
 
-  cfg = llama.Config.preset("tiny", vocab_size=100)
+  cfg = llama.Config.of_size("tiny", vocab_size=100)
   save_pretrained(llama.LlamaForCausalLM(cfg), llama.params.init_params(cfg), tmp_path / "tied")
   model, params, _ = from_pretrained(str(tmp_path / "tied"))
   assert model.config.tie_word_embeddings

@@ -1,6 +1,7 @@
 """The data and metrics layer of the continual-learning runner.
 
-* :mod:`migu_jax.cl.data`: locating the benchmark, task names and orders, loading, validating and sampling tasks.
+* :mod:`migu_jax.cl.locate`: where the benchmark is (flag, ``$MIGU_DATA_DIR``, the shared copy, the hub).
+* :mod:`migu_jax.cl.data`: task names and orders, loading, validating and sampling tasks.
 * :mod:`migu_jax.cl.hub`: building the benchmark layout from the Hugging Face hub (network only).
 * :mod:`migu_jax.cl.prompts`: the O-LoRA / MIGU instruction prompt.
 * :mod:`migu_jax.cl.metrics`: average accuracy, backward / forward transfer and forgetting.
@@ -17,13 +18,13 @@ from migu_jax.cl.data import TaskRef as TaskRef
 from migu_jax.cl.data import load_task as load_task
 from migu_jax.cl.data import read_labels as read_labels
 from migu_jax.cl.data import read_records as read_records
-from migu_jax.cl.data import resolve_data_dir as resolve_data_dir
 from migu_jax.cl.data import resolve_order as resolve_order
 from migu_jax.cl.data import resolve_task as resolve_task
 from migu_jax.cl.data import sample_per_class as sample_per_class
 from migu_jax.cl.data import sample_stratified as sample_stratified
 from migu_jax.cl.data import split_heldout as split_heldout
 from migu_jax.cl.hub import build_from_hub as build_from_hub
+from migu_jax.cl.locate import resolve_data_dir as resolve_data_dir
 from migu_jax.cl.metrics import average_accuracy as average_accuracy
 from migu_jax.cl.metrics import average_forgetting as average_forgetting
 from migu_jax.cl.metrics import backward_transfer as backward_transfer

@@ -1,4 +1,4 @@
-"""Continual-learning benchmark data: locating, naming, loading, validating and sampling tasks.
+"""Continual-learning benchmark data: naming, loading, validating and sampling tasks.
 
 The benchmark is the CL_Benchmark of O-LoRA (Wang et al., 2023), reused by MIGU (Du et al., 2024). On disk
 each task is a folder ``<data_dir>/<category>/<task>/`` holding
@@ -137,67 +137,6 @@ ORDERS: dict[str, tuple[str, ...]] = {
     "6": ("yelp", "amazon", "mnli", "cb", "copa", "qqp", "rte", "imdb", "sst-2", "dbpedia", "agnews",
           "yahoo", "multirc", "boolqa", "wic"),
 }
-
-
-# --------------------------------------------------------------------------------------------------
-# Locating the data
-# --------------------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-  """Where :func:`resolve_data_dir` builds the benchmark from the hub: ``$XDG_CACHE_HOME/migu_jax/CL_Benchmark``."""
-  base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-  return Path(base) / "migu_jax" / "CL_Benchmark"
-
-
-def resolve_data_dir(flag: str | os.PathLike | None = None, *, tasks: Iterable[str] | None = None,
-                     cache_dir: str | os.PathLike | None = None) -> Path:
-  """The benchmark folder: ``flag``, else ``$MIGU_DATA_DIR``, else one built from the Hugging Face hub.
-
-  The hub is tried only when it is reachable (see :func:`migu_jax.cl.hub.hub_reachable`); the tasks are then
-  converted with :func:`migu_jax.cl.hub.build_from_hub` into ``cache_dir`` (default
-  :func:`default_cache_dir`), once: a folder that already holds every requested task is reused.
-
-  Args:
-    flag: the ``--data-dir`` command-line value, or None.
-    tasks: task names to build from the hub when it comes to that (default: all of :data:`TASKS`).
-    cache_dir: where to build them.
-
-  Returns:
-    An existing folder with the ``<category>/<task>/{train,test,labels}.json`` layout.
-
-  Raises:
-    DataError: the given folder does not exist, or there is no folder and the hub cannot be reached.
-
-  Example:
-    >>> import tempfile
-    >>> d = tempfile.mkdtemp()
-    >>> resolve_data_dir(d) == Path(d)
-    True
-  """
-  for value, source in ((flag, "--data-dir"), (os.environ.get(DATA_DIR_ENV) or None, f"${DATA_DIR_ENV}")):
-    if not value:
-      continue
-    path = Path(value).expanduser()
-    if not path.is_dir():
-      raise DataError(f"{source} points at {str(path)!r}, which is not a folder. Point it at a folder laid out "
-                      "as <category>/<task>/{train,test,labels}.json, e.g. ../shared/data/CL_Benchmark.")
-    return path
-
-  from migu_jax.cl import hub  # Lazy: the hub path needs `datasets`, which local runs never touch.
-
-  names = tuple(tasks) if tasks is not None else tuple(TASKS)
-  out = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-  refs = [resolve_task(n) for n in names]
-  if all((out / r.category / r.folder / "labels.json").is_file() for r in refs):
-    return out
-  if not hub.hub_reachable():
-    raise DataError(
-        "No benchmark data folder given and the Hugging Face hub is not reachable. Pass --data-dir PATH or set "
-        f"{DATA_DIR_ENV}=PATH, where PATH is laid out like ../shared/data/CL_Benchmark: "
-        "<category>/<task>/{train,test,labels}.json (e.g. TC/agnews/train.json).")
-  hub.build_from_hub(out, names)
-  return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,7 +424,7 @@ def load_task(data_dir: str | os.PathLike, name: str, *, split: HeldOutSplit = H
   records never include it, and ``Task.test_is_heldout`` is True.
 
   Args:
-    data_dir: the benchmark folder (see :func:`resolve_data_dir`).
+    data_dir: the benchmark folder (see :func:`migu_jax.cl.locate.resolve_data_dir`).
     name: a task name or ``Category/Task`` folder (see :func:`resolve_task`).
     split: how to hold out a test set when there is no test file.
     train_per_class: if set, keep this many training records per label (:func:`sample_per_class`).

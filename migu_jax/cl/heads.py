@@ -55,6 +55,11 @@ Example = tuple[int, Record]
 _SENTINEL = "\x00"
 
 
+LENGTH_BUCKETS = (64, 96, 128)
+"""The default padded lengths of ``padding="buckets"`` (the runner's :class:`~migu_jax.cl.runner.Config` and
+:class:`HeadConfig` share it)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
   """What a head needs from the run config.
@@ -78,7 +83,7 @@ class HeadConfig:
   max_length: int = 128
   padding: str = "longest"
   pad_multiple: int = 8
-  length_buckets: tuple[int, ...] = (32, 64, 96, 128)
+  length_buckets: tuple[int, ...] = LENGTH_BUCKETS
   copa_prompt: str = "reference"
   temperature: float = 0.05
   learn_temperature: bool = True

@@ -16,12 +16,12 @@ needs network access and is not exercised by the offline tests.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from migu_jax.cl import atomic
 from migu_jax.cl.data import DataError, Record, resolve_task, sample_per_class, sample_stratified
 
 HUB_URL = "https://huggingface.co"
@@ -194,8 +194,7 @@ def build_from_hub(out_dir: str | os.PathLike, tasks: Iterable[str], *, train_pe
     folder.mkdir(parents=True, exist_ok=True)
     for file_name, data in (("train.json", [r._asdict() for r in train]), ("test.json", [r._asdict() for r in test]),
                             ("labels.json", list(source.labels))):
-      tmp = folder / (file_name + ".tmp")
-      tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
-      tmp.replace(folder / file_name)  # labels.json is written last: its presence marks a complete task.
+      # labels.json is written last: its presence marks a complete task.
+      atomic.write_json(folder / file_name, data, ensure_ascii=False, default=None)
   return out
 

@@ -150,7 +150,7 @@ def token_mask(cfg, args):
   The heads call ``forward(params, ids, mask)`` (encoders, decoders) or ``forward(params, ids, mask,
   dec_ids, dec_mask)`` (encoder-decoders: one mask per stack; the lm head sees decoder positions).
   """
-  if not getattr(cfg, "padding_aware", False):
+  if not cfg.padding_aware:
     return None
   if len(args) >= 4:  # T5's tied head is the shared embedding's attend, on decoder positions
     return {"encoder": args[1], "decoder": args[3], "lm_head": args[3], "shared": args[3]}
@@ -167,14 +167,14 @@ def make_forward(method: Method, cfg, model) -> Callable:
   if not method.lora:
     def forward(params, *args, rng=None):
       train = {}
-      if rng is not None and getattr(cfg, "dropout", True):
+      if rng is not None and cfg.dropout:
         train = {"deterministic": False, "rngs": {"dropout": rng}}
       out, mags = migu.apply_with_magnitudes(model, {"params": params["model"]}, *args,
                                              token_mask=token_mask(cfg, args), **train)
       return out, {"model": mags}
     return forward
 
-  if getattr(cfg, "padding_aware", False):
+  if cfg.padding_aware:
     raise ValueError("padding_aware=True is not supported with LoRA methods yet; set padding_aware=False.")
 
   def forward_lora(params, *args, rng=None):
@@ -211,7 +211,7 @@ of the BERT, Llama and T5 models of :mod:`migu_jax.models` ("all": every kernel)
 
 def mask_patterns(cfg) -> tuple[str, ...]:
   """``cfg.mask_targets`` as regular expressions: a name of :data:`LAYER_TYPES`, or the patterns."""
-  targets = tuple(getattr(cfg, "mask_targets", ()) or ())
+  targets = cfg.mask_targets
   if len(targets) == 1 and targets[0] in LAYER_TYPES:
     return LAYER_TYPES[targets[0]]
   for pattern in targets:
@@ -254,18 +254,16 @@ def _injected(factory):
 
 
 def _threshold(cfg) -> str:
-  return "top_k" if cfg.exact_count else getattr(cfg, "threshold", "quantile")
+  return migu.masking.resolve_threshold(cfg.exact_count, cfg.threshold)
 
 
-def _magnitude_mask(cfg, optimizer, where, seed):
-  del seed
+def _magnitude_mask(cfg, optimizer, where):
   mask = _injected(migu.mask_by_magnitude)(ratio=cfg.ratio, enabled=jnp.asarray(True),
                                            threshold=_threshold(cfg), where=where)
   return optax.chain(mask, optimizer)
 
 
-def _strict_mask(cfg, optimizer, where, seed):
-  del seed
+def _strict_mask(cfg, optimizer, where):
   return _injected(migu.strict_mask_by_magnitude)(ratio=cfg.ratio, optimizer=optimizer, enabled=jnp.asarray(True),
                                                   threshold=_threshold(cfg), where=where)
 
@@ -273,8 +271,7 @@ def _strict_mask(cfg, optimizer, where, seed):
 def _importance_mask(source: str):
   """A mask ranked by ``migu_jax.importance.IMPORTANCES[source]`` (gradient, weight, Fisher)."""
 
-  def build(cfg, optimizer, where, seed):
-    del seed
+  def build(cfg, optimizer, where):
     mask = _injected(migu.mask_by_importance)(ratio=cfg.ratio, importance=migu.importance.IMPORTANCES[source](),
                                               enabled=jnp.asarray(True), threshold=_threshold(cfg), where=where)
     return optax.chain(mask, optimizer)
@@ -282,7 +279,7 @@ def _importance_mask(source: str):
   return build
 
 
-def _random_mask(cfg, optimizer, where, seed):
+def _random_mask(cfg, optimizer, where, *, seed):
   mask = _injected(migu.random_mask)(ratio=cfg.ratio, seed=seed, enabled=jnp.asarray(True), where=where)
   return optax.chain(mask, optimizer)
 
@@ -295,7 +292,11 @@ MASKS: dict[str, Callable] = {
     "weight": _importance_mask("weight"),
     "fisher": _importance_mask("fisher"),
 }
-"""Mask name -> ``build(cfg, optimizer, where, seed)`` wrapping the optimizer with the mask first."""
+"""Mask name -> ``build(cfg, optimizer, where)`` wrapping the optimizer with the mask first (the masks of
+:data:`SEEDED_MASKS` also take the run's ``seed``)."""
+
+SEEDED_MASKS = ("random",)
+"""Masks that draw from the run's seed."""
 
 SCHEDULES: dict[str, Callable[[Any], optax.Schedule]] = {
     "constant": lambda cfg: optax.constant_schedule(cfg.learning_rate),
@@ -317,8 +318,9 @@ def make_optimizer(method: Method, cfg, seed: int = 0) -> optax.GradientTransfor
                            weight_decay=cfg.weight_decay))
   tx = optax.chain(*parts)
   if method.mask is not None:
-    where = _where(method, mask_patterns(cfg), getattr(cfg, "mask_tied_embedding", True))
-    tx = MASKS[method.mask](cfg, tx, where, seed)
+    where = _where(method, mask_patterns(cfg), cfg.mask_tied_embedding)
+    seeded = {"seed": seed} if method.mask in SEEDED_MASKS else {}
+    tx = MASKS[method.mask](cfg, tx, where, **seeded)
   if not method.lora:
     return optax.with_extra_args_support(tx)
 
@@ -348,7 +350,7 @@ def start_task(method: Method, cfg, tx, params, task_index: int, state=None):
   """The optimizer state a task starts with: fresh (``cfg.reset_optimizer``, as the reference does), or
   the previous task's ``state`` carried on; the mask is off on the first task when
   ``cfg.first_task_unmasked``."""
-  if state is None or task_index == 0 or getattr(cfg, "reset_optimizer", True):
+  if state is None or task_index == 0 or cfg.reset_optimizer:
     state = tx.init(params)
   if method.mask is not None:
     state = set_hyperparam(state, "enabled", not (task_index == 0 and cfg.first_task_unmasked))

@@ -21,7 +21,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from migu_jax import masking  # noqa: E402
 
 
 def plot_matrix(run: dict, path: str | os.PathLike) -> Path:
@@ -84,12 +87,9 @@ def plot_magnitude_distribution(npz_path, tasks: Sequence[str], path, layer: str
 
 
 def top_positions(v: np.ndarray, ratio: float) -> np.ndarray:
-  """Boolean mask of the ``n - floor(ratio n)`` largest entries (MIGU's kept features)."""
-  n = v.size
-  keep = n - int(np.floor(ratio * n))
-  mask = np.zeros(n, bool)
-  mask[np.argsort(-v, kind="stable")[:keep]] = True
-  return mask
+  """Boolean mask of the ``n - floor(ratio n)`` largest entries (MIGU's kept features, ties by position):
+  :func:`migu_jax.masking.top_k_rule` on the host."""
+  return np.asarray(masking.top_k_rule(jnp.asarray(v), ratio))
 
 
 def overlap_matrix(per_task: Sequence[dict[str, np.ndarray]], ratio: float = 0.7) -> np.ndarray:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from migu_jax.cl import atomic
 from migu_jax.cl.metrics import summarize
 
 METRICS = (("average_accuracy", "AA"), ("backward_transfer", "BWT"), ("forward_transfer", "FWT"),
@@ -176,12 +177,8 @@ def markdown(results: dict) -> str:
 
 def write_results(folder: str | os.PathLike, results: dict) -> None:
   """Writes ``results.json`` and ``results.md`` into ``folder`` (each replaced atomically)."""
-  folder = Path(folder)
-  for name, text in (("results.json", json.dumps(results, indent=2, default=str)),
-                     ("results.md", markdown(results))):
-    tmp = folder / (name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, folder / name)
+  atomic.write_json(Path(folder) / "results.json", results)
+  atomic.write_text(Path(folder) / "results.md", markdown(results))
 
 
 def load_results(folder: str | os.PathLike) -> dict:

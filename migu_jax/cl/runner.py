@@ -48,17 +48,15 @@ import numpy as np
 from flax import traverse_util
 
 import migu_jax as migu
+from migu_jax.cl import atomic
 from migu_jax.cl import checkpoint as ckpt_lib
 from migu_jax.cl import faults
 from migu_jax.cl import heads as heads_lib
 from migu_jax.cl import methods as methods_lib
 from migu_jax.cl import report as report_lib
 from migu_jax.cl import tune as tune_lib
-from migu_jax.cl.data import DataError, Task, load_task, resolve_data_dir, resolve_order
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "CL_Benchmark"
-"""The benchmark copy next to the repository (used as the data default when it exists)."""
+from migu_jax.cl.data import DataError, Task, load_task, resolve_order
+from migu_jax.cl.locate import resolve_data_dir
 
 
 @dataclasses.dataclass
@@ -82,8 +80,9 @@ class Config:
   ``pad_multiple``, as the reference, or the fixed ``"buckets"``).
 
   Methods: ``methods`` (names from :data:`migu_jax.cl.methods.METHODS`, run side by side), ``seeds``,
-  ``ratio`` (MIGU's T), ``exact_count``, ``threshold`` (a rule of :data:`migu_jax.THRESHOLDS`;
-  ``exact_count`` means ``"top_k"``), ``padding_aware`` (padded positions do not count in the
+  ``ratio`` (MIGU's T), ``exact_count``, ``threshold`` (a rule of :data:`migu_jax.THRESHOLDS`; None:
+  ``"quantile"``, or ``"top_k"`` with ``exact_count``, which with another rule is an error; see
+  :func:`migu_jax.masking.resolve_threshold`), ``padding_aware`` (padded positions do not count in the
   magnitudes), ``mask_targets`` (the layers masked: ``("attention",)``, ``("ffn",)`` or regular expressions
   searched in kernel paths, see :data:`migu_jax.cl.methods.LAYER_TYPES`; empty: all),
   ``mask_tied_embedding`` (a tied LM head's embedding is masked by vocabulary row, as the reference's
@@ -137,7 +136,7 @@ class Config:
   seeds: tuple[int, ...] = (0,)
   ratio: float = 0.7
   exact_count: bool = False
-  threshold: str = "quantile"
+  threshold: str | None = None
   padding_aware: bool = False
   mask_targets: tuple[str, ...] = ()
   mask_tied_embedding: bool = True
@@ -164,7 +163,7 @@ class Config:
   max_length: int = 128
   padding: str = "longest"
   pad_multiple: int = 8
-  length_buckets: tuple[int, ...] = (64, 96, 128)
+  length_buckets: tuple[int, ...] = heads_lib.LENGTH_BUCKETS
   temperature: float = 0.05
   learn_temperature: bool = True
   eval_batch_size: int = 32
@@ -211,6 +210,7 @@ class Config:
       raise ValueError("Config.seeds is empty; give at least one seed, e.g. (0,).")
     for name in self.methods:
       methods_lib.get_method(name)
+    migu.masking.resolve_threshold(self.exact_count, self.threshold)  # a contradiction fails here, not later
     if self.mode not in ("jit", "mesh"):
       raise ValueError(f"Config.mode={self.mode!r}; expected 'jit' (one device) or 'mesh' (every device of "
                        "every process, data-parallel).")
@@ -263,6 +263,8 @@ def _json_ready(value):
 
 def _identity(cfg: Config, method: str, seed: int) -> dict:
   values = {k: v for k, v in cfg.to_dict().items() if k not in _RUN_ONLY}
+  # Checkpoints written when the default threshold was "quantile" hold that value: None means it there.
+  values["threshold"] = values["threshold"] or "quantile"
   return _json_ready({**values, "method": method, "seed": seed})
 
 
@@ -277,10 +279,8 @@ def _fingerprint(values: dict) -> str:
 
 def data_dir(cfg: Config) -> Path:
   """``cfg.data_dir``, else ``$MIGU_DATA_DIR``, else the shared copy next to the repository, else the
-  error of :func:`migu_jax.cl.data.resolve_data_dir`."""
-  if cfg.data_dir is None and not os.environ.get("MIGU_DATA_DIR") and SHARED_DATA.is_dir():
-    return SHARED_DATA
-  return resolve_data_dir(cfg.data_dir, tasks=resolve_order(cfg.order))
+  hub (see :func:`migu_jax.cl.locate.resolve_data_dir`)."""
+  return resolve_data_dir(cfg.data_dir, tasks=resolve_order(cfg.order), use_shared=True)
 
 
 def load_tasks(cfg: Config, seed: int) -> list[Task]:
@@ -374,12 +374,6 @@ def is_writer() -> bool:
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
   tmp = path.with_suffix(".tmp.npz")
   np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def _write_json(path: Path, value) -> None:
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(value, indent=2, default=str))
   os.replace(tmp, path)
 
 
@@ -596,7 +590,7 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
     state, meta = restored
     params, opt_state = placed.place(state["params"]), placed.place(state["opt_state"])
   if is_writer():
-    _write_json(folder / "config.json", identity)
+    atomic.write_json(folder / "config.json", identity)
 
   def save():  # every process calls it (orbax coordinates a multi-process save)
     number = checkpoints.save({"params": placed.fetch(params), "opt_state": placed.fetch(opt_state),
@@ -680,7 +674,7 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
   meta["params_sha256"] = params_digest(placed.fetch(params))
   result = report_lib.run_result(method_name, seed, tasks, meta, head.eval_mode)
   if is_writer():
-    _write_json(folder / "result.json", result)
+    atomic.write_json(folder / "result.json", result)
   return result
 
 
@@ -703,6 +697,7 @@ def _check_identity(saved: dict, current: dict, where: Path) -> None:
   # A setting added to Config after the checkpoint was written counts as its default there.
   defaults = {f.name: _json_ready(f.default) for f in dataclasses.fields(Config)
               if f.default is not dataclasses.MISSING}
+  defaults["threshold"] = "quantile"  # as _identity writes the default None
   saved = {**{k: defaults[k] for k in current if k not in saved and k in defaults}, **saved}
   changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
   if changed:
@@ -726,7 +721,7 @@ def _initial_accuracies(cfg: Config, seed: int, head, params, tasks, mode: str |
   row = evaluate(head, params, tasks, cfg=cfg, desc="eval initial model", mode=mode)
   if is_writer():
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, {"settings": values, "accuracies": row})
+    atomic.write_json(path, {"settings": values, "accuracies": row})
   return row
 
 

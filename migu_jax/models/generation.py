@@ -9,7 +9,7 @@ step (simple, and fast enough for short answers). Finished rows (after
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from migu_jax.models import llama
-  >>> cfg = llama.Config.preset("tiny")
+  >>> cfg = llama.Config.of_size("tiny")
   >>> model, params = llama.LlamaForCausalLM(cfg), llama.params.init_params(cfg)
   >>> out = greedy_generate(model, params, jnp.array([[5, 6, 7]]), max_new_tokens=4)
   >>> out.shape

@@ -13,7 +13,7 @@ needed. ``config.json``'s ``model_type`` picks the family:
 Example:
   >>> import jax.numpy as jnp, tempfile
   >>> from migu_jax.models import bert
-  >>> cfg = bert.Config.preset("tiny")
+  >>> cfg = bert.Config.of_size("tiny")
   >>> params = bert.params.init_params(cfg)
   >>> folder = tempfile.mkdtemp()
   >>> save_pretrained(bert.BertModel(cfg), params, folder)
@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from migu_jax.models import presets
 from migu_jax.models._checkpoint import read_config, read_safetensors
+from migu_jax.models.llama.gguf import from_gguf
 
 # model_type -> (family package, model class name)
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -104,11 +106,9 @@ def from_pretrained(path_or_id: str, *, dtype: Any = jnp.float32, **config_overr
     ValueError: unsupported model_type.
     CheckpointError: weights that do not fit the config (all listed at once).
   """
-  from migu_jax.models import presets
   if path_or_id in presets.PRESETS:
-    return presets.PRESETS[path_or_id](dtype=dtype, **config_overrides)
+    path_or_id = presets.PRESETS[path_or_id]()
   if path_or_id.endswith(".gguf") and os.path.isfile(path_or_id):
-    from migu_jax.models.llama.gguf import from_gguf
     return from_gguf(path_or_id, dtype=dtype, **config_overrides)
   folder = _resolve_folder(path_or_id)
   hf_config = read_config(folder)

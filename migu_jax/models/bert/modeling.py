@@ -8,7 +8,7 @@ Face's does and runs only with ``deterministic=False`` and a "dropout" rng.
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> cfg = Config.preset("tiny")
+  >>> cfg = Config.of_size("tiny")
   >>> model = BertModel(cfg)
   >>> ids = jnp.ones((2, 5), jnp.int32)
   >>> params = model.init(jax.random.key(0), ids)["params"]
@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -93,9 +94,9 @@ class Config:
     return out
 
   @classmethod
-  def preset(cls, name: str, **overrides) -> "Config":
-    """Named sizes: "tiny" (tests), "minilm-l6" (all-MiniLM-L6-v2), "base"."""
-    presets = {
+  def of_size(cls, name: str, **overrides) -> "Config":
+    """A named size (random weights' shapes; a pretrained checkpoint is a ``models.PRESETS`` name): "tiny" (tests), "minilm-l6" (all-MiniLM-L6-v2), "base"."""
+    sizes = {
         "tiny": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2,
                      num_attention_heads=4, intermediate_size=37,
                      max_position_embeddings=64),
@@ -103,9 +104,16 @@ class Config:
                           num_attention_heads=12, intermediate_size=1536),
         "base": {},
     }
-    if name not in presets:
-      raise ValueError(f"unknown BERT preset {name!r}; choose from {sorted(presets)}.")
-    return cls(**{**presets[name], **overrides})
+    if name not in sizes:
+      raise ValueError(f"unknown BERT size {name!r}; choose from {sorted(sizes)}.")
+    return cls(**{**sizes[name], **overrides})
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "Config":
+    """Deprecated alias of :meth:`of_size` (a "preset" is a pretrained checkpoint, ``models.PRESETS``)."""
+    warnings.warn(f"{cls.__module__}.Config.preset is deprecated; use Config.of_size({name!r}).",
+                  DeprecationWarning, stacklevel=2)
+    return cls.of_size(name, **overrides)
 
 
 class Embeddings(nn.Module):

@@ -11,7 +11,7 @@ unchanged).
 
 Example:
   >>> from migu_jax.models.bert import modeling
-  >>> cfg = modeling.Config.preset("tiny")
+  >>> cfg = modeling.Config.of_size("tiny")
   >>> params = init_params(cfg)
   >>> state = to_hf(params, cfg)
   >>> state["encoder.layer.0.attention.self.query.weight"].shape

@@ -10,7 +10,7 @@ run only with ``deterministic=False`` and a "dropout" rng.
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> cfg = Config.preset("tiny")
+  >>> cfg = Config.of_size("tiny")
   >>> model = LlamaForCausalLM(cfg)
   >>> ids = jnp.ones((2, 6), jnp.int32)
   >>> params = model.init(jax.random.key(0), ids)["params"]
@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -107,9 +108,9 @@ class Config:
     return out
 
   @classmethod
-  def preset(cls, name: str, **overrides) -> "Config":
-    """Named sizes: "tiny" (tests) and "smollm2-135m" (SmolLM2-135M-Instruct)."""
-    presets = {
+  def of_size(cls, name: str, **overrides) -> "Config":
+    """A named size (random weights' shapes; a pretrained checkpoint is a ``models.PRESETS`` name): "tiny" (tests) and "smollm2-135m" (SmolLM2-135M-Instruct)."""
+    sizes = {
         "tiny": dict(vocab_size=128, hidden_size=32, intermediate_size=64,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                      tie_word_embeddings=True),
@@ -120,9 +121,16 @@ class Config:
                              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
                              pad_token_id=2),
     }
-    if name not in presets:
-      raise ValueError(f"unknown Llama preset {name!r}; choose from {sorted(presets)}.")
-    return cls(**{**presets[name], **overrides})
+    if name not in sizes:
+      raise ValueError(f"unknown Llama size {name!r}; choose from {sorted(sizes)}.")
+    return cls(**{**sizes[name], **overrides})
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "Config":
+    """Deprecated alias of :meth:`of_size` (a "preset" is a pretrained checkpoint, ``models.PRESETS``)."""
+    warnings.warn(f"{cls.__module__}.Config.preset is deprecated; use Config.of_size({name!r}).",
+                  DeprecationWarning, stacklevel=2)
+    return cls.of_size(name, **overrides)
 
 
 class RMSNorm(nn.Module):

@@ -6,7 +6,7 @@ ignored, and so is ``lm_head.weight`` when embeddings are tied.
 
 Example:
   >>> from migu_jax.models.llama import modeling
-  >>> cfg = modeling.Config.preset("tiny")
+  >>> cfg = modeling.Config.of_size("tiny")
   >>> state = to_hf(init_params(cfg), cfg)
   >>> state["model.layers.0.self_attn.k_proj.weight"].shape
   (16, 32)

@@ -12,7 +12,7 @@ the decoder output by ``d_model**-0.5`` before a tied head. Dropout
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> cfg = Config.preset("tiny")
+  >>> cfg = Config.of_size("tiny")
   >>> model = T5ForConditionalGeneration(cfg)
   >>> enc, dec = jnp.ones((2, 7), jnp.int32), jnp.zeros((2, 3), jnp.int32)
   >>> params = model.init(jax.random.key(0), enc, None, dec)["params"]
@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import math
 from typing import Any
 
@@ -119,17 +120,24 @@ class Config:
     return out
 
   @classmethod
-  def preset(cls, name: str, **overrides) -> "Config":
-    """Named sizes: "tiny" (tests), "t5-small" (v1.0), "flan-t5-small" (v1.1)."""
-    presets = {
+  def of_size(cls, name: str, **overrides) -> "Config":
+    """A named size (random weights' shapes; a pretrained checkpoint is a ``models.PRESETS`` name): "tiny" (tests), "t5-small" (v1.0), "flan-t5-small" (v1.1)."""
+    sizes = {
         "tiny": dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4),
         "t5-small": {},
         "flan-t5-small": dict(d_ff=1024, num_layers=8, num_heads=6, feed_forward_proj="gated-gelu",
                               tie_word_embeddings=False, scale_decoder_outputs=False),
     }
-    if name not in presets:
-      raise ValueError(f"unknown T5 preset {name!r}; choose from {sorted(presets)}.")
-    return cls(**{**presets[name], **overrides})
+    if name not in sizes:
+      raise ValueError(f"unknown T5 size {name!r}; choose from {sorted(sizes)}.")
+    return cls(**{**sizes[name], **overrides})
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "Config":
+    """Deprecated alias of :meth:`of_size` (a "preset" is a pretrained checkpoint, ``models.PRESETS``)."""
+    warnings.warn(f"{cls.__module__}.Config.preset is deprecated; use Config.of_size({name!r}).",
+                  DeprecationWarning, stacklevel=2)
+    return cls.of_size(name, **overrides)
 
 
 class LayerNorm(nn.Module):

@@ -8,7 +8,7 @@ head is tied.
 
 Example:
   >>> from migu_jax.models.t5 import modeling
-  >>> cfg = modeling.Config.preset("tiny", feed_forward_proj="gated-gelu")
+  >>> cfg = modeling.Config.of_size("tiny", feed_forward_proj="gated-gelu")
   >>> state = to_hf(init_params(cfg), cfg)
   >>> state["decoder.block.1.layer.2.DenseReluDense.wi_1.weight"].shape
   (48, 32)

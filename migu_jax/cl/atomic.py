@@ -1,0 +1,29 @@
+"""Files replaced atomically: a reader (or a run killed mid-write) sees the old file or the new one, never half.
+
+Example:
+  >>> import json, tempfile
+  >>> from pathlib import Path
+  >>> path = Path(tempfile.mkdtemp()) / "result.json"
+  >>> write_json(path, {"accuracy": 0.5})
+  >>> json.loads(path.read_text())
+  {'accuracy': 0.5}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes ``text`` (UTF-8) to ``path`` through ``<path>.tmp`` and an atomic rename."""
+  path = Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text, encoding="utf-8")
+  os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, value, **dumps_kwargs) -> None:
+  """Writes ``value`` as indented JSON (``default=str`` unless given) with :func:`write_text`."""
+  write_text(path, json.dumps(value, **{"indent": 2, "default": str, **dumps_kwargs}))
