@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from migu_jax.cl.runner import SHARED_DATA
+from migu_jax.cl.locate import SHARED_DATA
 
 DOMAINS = {"sst2": "SST-2", "imdb": "IMDB", "yelp": "yelp", "amazon": "amazon"}
 LABELS = {"Bad": "negative", "Good": "positive", "very negative": "negative", "negative": "negative",

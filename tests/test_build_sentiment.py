@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from migu_jax.cl.runner import SHARED_DATA
+from migu_jax.cl.locate import SHARED_DATA
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "build_sentiment_domains.py"
 
