@@ -28,7 +28,7 @@ from pathlib import Path
 
 # flag -> Config field (flags whose value is used as given, or parsed as a comma list / number).
 _FLAGS = {
-    "model": "model", "head": "head", "eval_mode": "eval_mode", "data_dir": "data_dir", "order": "order",
+    "model": "model", "objective": "objective", "general": "general", "head": "head", "eval_mode": "eval_mode", "data_dir": "data_dir", "order": "order",
     "methods": "methods", "seeds": "seeds", "ratio": "ratio", "lr": "learning_rate",
     "batch_size": "batch_size", "micro_batches": "micro_batches", "train_per_class": "train_per_class",
     "max_test": "max_test", "epochs": "epochs", "max_length": "max_length", "output": "output_dir",
@@ -121,6 +121,11 @@ def cmd_run(args) -> int:
         f"{time.perf_counter() - start:.0f} s.\n")
   print(report.comparison_table(results["comparison"]))
   for method, row in results["comparison"].items():
+    if "average_perplexity" in row:
+      bwt, general = row["perplexity_increase"], row.get("general_perplexity")
+      print(f"{method}: PPL {row['average_perplexity']:.2f}  BWT (PPL increase) "
+            + ("-" if bwt is None else f"{bwt:+.2f}") + ("" if general is None else f"  general PPL {general:.2f}"))
+      continue
     bwt = row["backward_transfer"]
     print(f"{method}: AA {100 * row['average_accuracy']:.1f}  BWT " + ("-" if bwt is None else f"{100 * bwt:.1f}"))
   return 0
@@ -152,8 +157,10 @@ def cmd_eval(args) -> int:
   print("|---|---|" + "---:|" * (len(tasks) + 1))
   for r in rows:
     accs = r["accuracies"]
+    scale = 1 if r.get("metric") == "perplexity" else 100
     print(f"| {r['method']} seed {r['seed']} | task {r['checkpoint']['task']} step {r['checkpoint']['step']} | "
-          + " | ".join(f"{100 * a:.1f}" for a in accs) + f" | {100 * sum(accs) / len(accs):.1f} |")
+          + " | ".join(f"{scale * a:.{2 if scale == 1 else 1}f}" for a in accs)
+          + f" | {scale * sum(accs) / len(accs):.{2 if scale == 1 else 1}f} |")
   heldout = rows[0]["heldout_tasks"]
   print(f"\n(eval mode: {rows[0]['eval_mode']}"
         + (f"; held out of train.json, no test file: {', '.join(heldout)}" if heldout else "")
@@ -198,6 +205,10 @@ def parser() -> argparse.ArgumentParser:
   run.add_argument("--config", help="a Python file whose get_config() returns the settings, or FILE.py:VARIANT "
                    "for get_configs()[VARIANT]")
   run.add_argument("--model", help="preset (minilm, smollm2-135m), local Hugging Face folder, or hub id")
+  run.add_argument("--objective", choices=("task", "lm"), help="task: labeled tasks (default); lm: text domains "
+                   "(group/domain folders of train.txt/test.txt) with the model's own objective, perplexity matrix")
+  run.add_argument("--general", help="objective lm: a folder with test.txt, a general held-out corpus whose "
+                   "perplexity is measured after every stage")
   run.add_argument("--head", help="encoder, causal_lm or seq2seq (default: by model family)")
   run.add_argument("--eval-mode", help="language models: options (log-likelihood) or generate (exact match)")
   run.add_argument("--data-dir", help="benchmark folder (default: $MIGU_DATA_DIR, else ../shared/data/CL_Benchmark)")

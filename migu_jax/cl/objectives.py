@@ -118,6 +118,8 @@ class LanguageModelObjective:
     raise NotImplementedError
 
   def encode(self, texts: list[str]) -> list[list[int]]:
+    if not texts:
+      return []
     return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
   def pack(self, domain: text_lib.TextDomain) -> text_lib.TextDomain:

@@ -28,7 +28,10 @@ from migu_jax import masking  # noqa: E402
 
 
 def plot_matrix(run: dict, path: str | os.PathLike) -> Path:
-  """Heatmap of one run's accuracies (percent): the initial row, then one row per trained task."""
+  """Heatmap of one run's accuracies (percent): the initial row, then one row per trained task (a text-domain
+  run: :func:`plot_perplexity_matrix`)."""
+  if run.get("metric") == "perplexity":
+    return plot_perplexity_matrix(run, path)
   tasks = run["tasks"]
   values = np.array([run["initial"]] + run["matrix"], dtype=float) * 100
   fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2.5, 0.6 * len(values) + 1.8))
@@ -45,6 +48,28 @@ def plot_matrix(run: dict, path: str | os.PathLike) -> Path:
     title += f", BWT {100 * bwt:.1f}"
   ax.set_title(title)
   fig.colorbar(im, ax=ax, label="accuracy (%)")
+  return _save(fig, path)
+
+
+def plot_perplexity_matrix(run: dict, path: str | os.PathLike) -> Path:
+  """Heatmap of one run's held-out perplexities (log colour scale, lower is better), the initial row first."""
+  from matplotlib.colors import LogNorm
+
+  tasks = run["tasks"]
+  values = np.array([run["initial"]] + run["matrix"], dtype=float)
+  fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 2.5, 0.6 * len(values) + 1.8))
+  im = ax.imshow(values, cmap="viridis_r", norm=LogNorm(vmin=max(values.min(), 1.0), vmax=max(values.max(), 1.01)))
+  for (i, j), v in np.ndenumerate(values):
+    ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="black", fontsize=8)
+  ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+  ax.set_yticks(range(len(values)), ["initial"] + [f"after {t}" for t in tasks])
+  ax.set_xlabel("evaluated on")
+  m = run["metrics"]
+  title = f"{run['method']} (seed {run['seed']}): PPL {m['average_perplexity']:.2f}"
+  if m.get("perplexity_increase") is not None:
+    title += f", BWT {m['perplexity_increase']:+.2f} (increase = forgotten)"
+  ax.set_title(title, fontsize=9)
+  fig.colorbar(im, ax=ax, label="perplexity (lower is better)")
   return _save(fig, path)
 
 

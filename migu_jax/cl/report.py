@@ -23,6 +23,7 @@ import numpy as np
 
 from migu_jax.cl import atomic
 from migu_jax.cl.metrics import summarize
+from migu_jax.cl.perplexity import PERPLEXITY_METRICS, summarize_perplexity
 
 METRICS = (("average_accuracy", "AA"), ("backward_transfer", "BWT"), ("forward_transfer", "FWT"),
            ("average_forgetting", "Forgetting"))
@@ -59,11 +60,24 @@ def _clean(x):
   return x
 
 
+def metric_columns(metric: str | None) -> tuple[tuple[str, str], ...]:
+  """The compared metrics of runs measured by ``metric`` (``"accuracy"`` or ``"perplexity"``)."""
+  return PERPLEXITY_METRICS if metric == "perplexity" else METRICS
+
+
 def run_result(method: str, seed: int, tasks, meta: dict, eval_mode: str) -> dict:
-  """The result of one complete run from the runner's checkpoint ``meta``."""
+  """The result of one complete run from the runner's checkpoint ``meta`` (a text-domain run's matrix holds
+  perplexities: ``metric`` says which, ``general`` the general corpus' perplexity at each stage)."""
   matrix = meta["rows"]
+  metric = meta.get("metric", "accuracy")
+  if metric == "perplexity":
+    metrics = summarize_perplexity(matrix, initial=meta["initial"], general=meta.get("general"))
+  else:
+    metrics = summarize(matrix, initial=meta["initial"])
   return _clean({
       "method": method,
+      "metric": metric,
+      "general": meta.get("general") or None,
       "seed": seed,
       "tasks": [t.name for t in tasks],
       "eval_mode": eval_mode,
@@ -72,7 +86,7 @@ def run_result(method: str, seed: int, tasks, meta: dict, eval_mode: str) -> dic
       "test_examples": [len(t.test) for t in tasks],
       "initial": meta["initial"],
       "matrix": matrix,
-      "metrics": summarize(matrix, initial=meta["initial"]),
+      "metrics": metrics,
       "steps": meta["steps"],
       "wall_time_s": {"initial_eval": meta["initial_eval_s"], "train": meta["train_s"], "eval": meta["eval_s"],
                       "total": meta["initial_eval_s"] + sum(meta["train_s"]) + sum(meta["eval_s"])},
@@ -105,9 +119,9 @@ def comparison(runs: Sequence[dict], mode: str | None = None) -> dict:
   for method in dict.fromkeys(r["method"] for r in runs):
     mine = [r for r in runs if r["method"] == method]
     row = {"seeds": [r["seed"] for r in mine]}
-    for key, _ in METRICS:
+    for key, _ in metric_columns(mine[0].get("metric") if mode is None else None):
       metrics = [r["metrics"] if mode is None else r["also"][mode]["metrics"] for r in mine]
-      values = [m[key] for m in metrics if m[key] is not None]
+      values = [m.get(key) for m in metrics if m.get(key) is not None]
       row[key] = float(np.mean(values)) if values else None
       row[key + "_std"] = float(np.std(values)) if len(values) > 1 else None
     out[method] = row
@@ -127,28 +141,41 @@ def _pct(x) -> str:
   return "-" if x is None else f"{100 * x:.1f}"
 
 
+def _ppl(x) -> str:
+  return "-" if x is None else f"{x:.2f}"
+
+
 def comparison_table(comp: dict) -> str:
-  """Markdown table: one row per method, AA / BWT / FWT / forgetting in percent (mean ± std over seeds)."""
-  lines = ["| method | " + " | ".join(name for _, name in METRICS) + " | seeds |",
-           "|---|" + "---:|" * len(METRICS) + "---|"]
+  """Markdown table: one row per method, AA / BWT / FWT / forgetting in percent (mean ± std over seeds); for
+  text domains the perplexity metrics (:data:`migu_jax.cl.perplexity.PERPLEXITY_METRICS`) as they are."""
+  perplexity = any("average_perplexity" in row for row in comp.values())
+  columns, fmt, scale = (PERPLEXITY_METRICS, _ppl, 1) if perplexity else (METRICS, _pct, 100)
+  lines = ["| method | " + " | ".join(name for _, name in columns) + " | seeds |",
+           "|---|" + "---:|" * len(columns) + "---|"]
   for method, row in comp.items():
     cells = []
-    for key, _ in METRICS:
-      cell = _pct(row[key])
+    for key, _ in columns:
+      cell = fmt(row.get(key))
       if row.get(key + "_std") is not None:
-        cell += f" ± {100 * row[key + '_std']:.1f}"
+        cell += f" ± {scale * row[key + '_std']:.{2 if perplexity else 1}f}"
       cells.append(cell)
     lines.append(f"| {method} | " + " | ".join(cells) + f" | {','.join(map(str, row['seeds']))} |")
   return "\n".join(lines)
 
 
 def matrix_table(run: dict) -> str:
-  """Markdown accuracy matrix of one run (percent), the initial row first."""
+  """Markdown accuracy matrix of one run (percent), the initial row first (perplexities as they are, with
+  a column for the general corpus when the run has one)."""
   tasks = run["tasks"]
-  lines = ["| after \\ on | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks),
-           "| initial | " + " | ".join(_pct(x) for x in run["initial"]) + " |"]
-  for name, row in zip(tasks, run["matrix"]):
-    lines.append(f"| {name} | " + " | ".join(_pct(x) for x in row) + " |")
+  fmt = _ppl if run.get("metric") == "perplexity" else _pct
+  general = run.get("general") or []
+  extra = " general |" if general else ""
+  lines = ["| after \\ on | " + " | ".join(tasks) + " |" + extra, "|---|" + "---:|" * (len(tasks) + bool(general)),
+           "| initial | " + " | ".join(fmt(x) for x in run["initial"]) + " |"
+           + (f" {fmt(general[0])} |" if general else "")]
+  for i, (name, row) in enumerate(zip(tasks, run["matrix"])):
+    lines.append(f"| {name} | " + " | ".join(fmt(x) for x in row) + " |"
+                 + (f" {fmt(general[i + 1])} |" if len(general) > i + 1 else ""))
   return "\n".join(lines)
 
 
@@ -157,7 +184,9 @@ def markdown(results: dict) -> str:
   cfg = results["config"]
   parts = [f"# Continual learning: {', '.join(results['config']['methods'])}", "",
            f"Model `{cfg['model']}`, order `{cfg['order']}`, eval mode {', '.join(results['eval_mode'])}; "
-           f"accuracies in percent. Wall time {results['wall_time_s']:.0f} s.", ""]
+           + (f"held-out perplexities (lower is better; BWT and forgetting are perplexity increases, positive "
+            f"means forgotten)" if _is_perplexity(results) else "accuracies in percent")
+           + f". Wall time {results['wall_time_s']:.0f} s.", ""]
   if results["heldout_tasks"]:
     parts += [f"Tasks evaluated on a held-out part of train.json (no test file): "
               f"{', '.join(results['heldout_tasks'])}.", ""]
@@ -173,6 +202,10 @@ def markdown(results: dict) -> str:
   for run in results["runs"]:
     parts += [f"## {run['method']}, seed {run['seed']}", "", matrix_table(run), ""]
   return "\n".join(parts)
+
+
+def _is_perplexity(results: dict) -> bool:
+  return any(r.get("metric") == "perplexity" for r in results["runs"])
 
 
 def write_results(folder: str | os.PathLike, results: dict) -> None:

@@ -53,7 +53,9 @@ from migu_jax.cl import checkpoint as ckpt_lib
 from migu_jax.cl import faults
 from migu_jax.cl import heads as heads_lib
 from migu_jax.cl import methods as methods_lib
+from migu_jax.cl import objectives as objectives_lib
 from migu_jax.cl import report as report_lib
+from migu_jax.cl import text as text_lib
 from migu_jax.cl import tune as tune_lib
 from migu_jax.cl.data import DataError, Task, load_task, resolve_order
 from migu_jax.cl.locate import resolve_data_dir
@@ -78,6 +80,14 @@ class Config:
   :mod:`migu_jax.cl.tune`); ``copa_prompt`` (``"reference"``: COPA without instruction and options, as
   the reference; ``"instruction"``); ``padding`` (training batches: ``"longest"`` row rounded up to
   ``pad_multiple``, as the reference, or the fixed ``"buckets"``).
+
+  Objective: ``objective`` (``"task"``: the labeled tasks and heads above; ``"lm"``: continual
+  pre-training on text domains, :mod:`migu_jax.cl.text`, with the model's own objective,
+  :mod:`migu_jax.cl.objectives`: masked LM for BERT/RoBERTa with ``mlm_probability``, causal LM for Llama;
+  the matrix then holds held-out perplexities, lower is better, see :mod:`migu_jax.cl.perplexity`). With
+  ``"lm"``, ``order`` names ``group/domain`` folders, ``max_length`` is the block size, ``train_per_class``
+  and ``max_test`` cap the training and test documents per domain, and ``general`` (a folder with
+  test.txt or test.jsonl) adds the perplexity of a general held-out corpus after every stage.
 
   Methods: ``methods`` (names from :data:`migu_jax.cl.methods.METHODS`, run side by side), ``seeds``,
   ``ratio`` (MIGU's T), ``exact_count``, ``threshold`` (a rule of :data:`migu_jax.THRESHOLDS`; None:
@@ -119,6 +129,9 @@ class Config:
   """
 
   model: str = "minilm"
+  objective: str = "task"
+  general: str | None = None
+  mlm_probability: float = 0.15
   head: str | None = None
   eval_mode: str = "options"
   also_eval: tuple[str, ...] = ()
@@ -199,6 +212,14 @@ class Config:
                        f"{self.micro_batches}; choose a batch size that is a multiple of it.")
     if not 0.0 <= self.ratio < 1.0:
       raise ValueError(f"Config.ratio={self.ratio} (MIGU's T) must be in [0, 1); 0.7 keeps 30% of each layer.")
+    if self.objective not in objectives_lib.OBJECTIVES:
+      raise ValueError(f"Config.objective={self.objective!r}; choose one of {objectives_lib.OBJECTIVES} ('task': "
+                       "labeled tasks, 'lm': text domains with the model's own objective).")
+    if self.objective == "lm" and (self.also_eval or self.tune_rates or self.eval_split != "test"):
+      raise ValueError("Config.objective='lm' is evaluated by perplexity on each domain's test documents: "
+                       "also_eval, tune_rates and eval_split='dev' do not apply; leave them at their defaults.")
+    if not 0.0 < self.mlm_probability < 1.0:
+      raise ValueError(f"Config.mlm_probability={self.mlm_probability} must be in (0, 1); BERT uses 0.15.")
     if self.eval_split not in ("test", "dev"):
       raise ValueError(f"Config.eval_split={self.eval_split!r}; expected 'test' or 'dev' (a split of the "
                        "training records, for tuning).")
@@ -284,16 +305,31 @@ def data_dir(cfg: Config) -> Path:
 
 
 def load_tasks(cfg: Config, seed: int) -> list[Task]:
-  """The tasks of ``cfg.order``, subsampled (train per class, max test) with ``seed``."""
+  """The tasks of ``cfg.order``, subsampled (train per class, max test) with ``seed``; with
+  ``objective="lm"``, the text domains, packed into token blocks by the run's objective."""
   root = data_dir(cfg)
+  if cfg.objective == "lm":
+    objective = _head(cfg, ())
+    return [objective.pack(text_lib.load_domain(root, name, max_train=cfg.train_per_class, max_test=cfg.max_test,
+                                                seed=seed)) for name in resolve_order(cfg.order)]
   dev = cfg.dev_per_class if cfg.eval_split == "dev" else None
   return [load_task(root, name, train_per_class=cfg.train_per_class, max_test=cfg.max_test, seed=seed,
                     dev_per_class=dev) for name in resolve_order(cfg.order)]
 
 
+def load_general(cfg: Config, seed: int) -> text_lib.TextDomain | None:
+  """The general held-out corpus of ``cfg.general`` packed by the run's objective, or None."""
+  if not cfg.general:
+    return None
+  return _head(cfg, ()).pack(text_lib.load_corpus(cfg.general, max_docs=cfg.max_test, seed=seed))
+
+
 @functools.lru_cache(maxsize=2)
-def load_model(spec: str):
-  """``(model, params, tokenizer)`` of a preset, local folder or hub id (cached: runs share it)."""
+def load_model(spec: str, objective: str = "task"):
+  """``(model, params, tokenizer)`` of a preset, local folder or hub id (cached: runs share it); for
+  ``objective="lm"`` with the LM head (:func:`migu_jax.cl.objectives.load_language_model`)."""
+  if objective == "lm":
+    return objectives_lib.load_language_model(spec)
   from migu_jax.models import from_pretrained
   return from_pretrained(spec)
 
@@ -318,7 +354,10 @@ def evaluate(head: heads_lib.Head, params, tasks: Sequence[Task], *, cfg: Config
   row, tokens, start = [], 0, time.perf_counter()
   with _bar(cfg, total=sum(len(t.test) for t in tasks), desc=desc, unit="ex") as bar:
     for j, task in enumerate(tasks):
-      row.append(head.correct(params, j, task.test, progress=bar.update, mode=mode) / len(task.test))
+      if getattr(head, "metric", "accuracy") == "perplexity":
+        row.append(head.perplexity(params, j, task.test, progress=bar.update))
+      else:
+        row.append(head.correct(params, j, task.test, progress=bar.update, mode=mode) / len(task.test))
       tokens += example_tokens(head, [(j, r) for r in task.test])
       bar.set_postfix_str(" ".join(f"{a:.2f}" for a in row) + f" {tokens / (time.perf_counter() - start):.0f} tok/s")
   if speed is not None:
@@ -387,7 +426,7 @@ Callback = Callable[[str, dict], None]
 
 
 _CACHE: dict[tuple, Any] = {}
-_HEAD_KEYS = ("model", "head", "eval_mode", "order", "max_length", "length_buckets", "temperature",
+_HEAD_KEYS = ("model", "objective", "mlm_probability", "head", "eval_mode", "order", "max_length", "length_buckets", "temperature",
               "learn_temperature", "eval_batch_size", "max_new_tokens", "padding", "pad_multiple", "copa_prompt")
 
 
@@ -405,7 +444,10 @@ def _head(cfg: Config, tasks: Sequence[Task]) -> heads_lib.Head:
   key = ("head",) + tuple(json.dumps(_json_ready(getattr(cfg, k))) for k in _HEAD_KEYS)
 
   def build():
-    model, _, tokenizer = load_model(cfg.model)
+    model, _, tokenizer = load_model(cfg.model, cfg.objective)
+    if cfg.objective == "lm":
+      return objectives_lib.make_objective(model, tokenizer, objectives_lib.ObjectiveConfig(
+          max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size, mlm_probability=cfg.mlm_probability))
     return heads_lib.make_head(cfg.head, model, tokenizer, tasks, cfg.head_config())
 
   return _cached(key, build)
@@ -569,7 +611,8 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
   identity = _identity(cfg, method_name, seed)
 
   tasks = load_tasks(cfg, seed)
-  model, model_params, _ = load_model(cfg.model)
+  general = load_general(cfg, seed)
+  model, model_params, _ = load_model(cfg.model, cfg.objective)
   head = _head(cfg, tasks)
   warning = heads_lib.rate_warning(head, cfg.schedule, cfg.learning_rate)
   if warning and is_writer():
@@ -582,7 +625,8 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
   opt_state = placed.place(methods_lib.start_task(method, cfg, tx, params, 0))
 
   meta = {"identity": identity, "task": 0, "step": 0, "initial": None, "rows": [], "train_s": [],
-          "eval_s": [], "initial_eval_s": 0.0, "steps": [], "losses": [], "also": {}}
+          "eval_s": [], "initial_eval_s": 0.0, "steps": [], "losses": [], "also": {},
+          "metric": getattr(head, "metric", "accuracy"), "general": []}
   restored = checkpoints.restore({"params": params, "opt_state": opt_state, "key": key},
                                  check_meta=lambda saved: _check_identity(saved["identity"], identity,
                                                                           checkpoints.folder))
@@ -614,6 +658,7 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
     meta["initial"] = _initial_accuracies(cfg, seed, head, plain, tasks)
     meta["also"] = {m: {"initial": _initial_accuracies(cfg, seed, head, plain, tasks, mode=m), "rows": []}
                     for m in cfg.also_eval}
+    meta["general"] = _general_row(cfg, head, plain, general, "initial model")
     meta["initial_eval_s"] = time.perf_counter() - start
     save()
 
@@ -657,6 +702,7 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
           head, plain, [(t, r) for r in tasks[t].train], cfg, seed, cfg.magnitude_batches))
     start = time.perf_counter()
     meta["rows"].append(evaluate(head, plain, tasks, cfg=cfg, desc=f"eval after {tasks[t].name}", speed=speed))
+    meta["general"] = meta.get("general", []) + _general_row(cfg, head, plain, general, tasks[t].name)
     for m in cfg.also_eval:
       meta["also"][m]["rows"].append(evaluate(head, plain, tasks, cfg=cfg, mode=m,
                                               desc=f"eval ({m}) after {tasks[t].name}"))
@@ -666,8 +712,9 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
     save()
     if cfg.progress and is_writer():
       from tqdm.auto import tqdm
+      value = (lambda a: f"{a:.2f}") if meta.get("metric") == "perplexity" else (lambda a: f"{100 * a:.1f}")
       tqdm.write(f"{method_name} seed {seed} after {tasks[t].name}: " + ", ".join(
-          f"{task.name} {100 * a:.1f}" for task, a in zip(tasks, meta["rows"][-1])))
+          f"{task.name} {value(a)}" for task, a in zip(tasks, meta["rows"][-1])))
     for cb in callbacks:
       cb("task_done", {"task": t, "row": meta["rows"][-1]})
 
@@ -676,6 +723,14 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
   if is_writer():
     atomic.write_json(folder / "result.json", result)
   return result
+
+
+def _general_row(cfg: Config, head, params, general, stage: str) -> list[float]:
+  """``[perplexity on the general corpus]`` at a stage of the run, or ``[]`` without one."""
+  if general is None:
+    return []
+  with _bar(cfg, total=len(general.test), desc=f"general corpus, {stage}", unit="block") as bar:
+    return [head.perplexity(params, None, general.test, progress=bar.update)]
 
 
 def _count_step(speed: dict, batch: dict, seconds: float, compiles: bool) -> None:
@@ -710,7 +765,7 @@ def _initial_accuracies(cfg: Config, seed: int, head, params, tasks, mode: str |
   """The initial model's accuracies, shared by the runs of one output folder that start from the same model
   and test sets (every method: LoRA starts with B = 0, and the head's temperature does not change argmax)."""
   values = {k: v for k, v in _identity(cfg, "", seed).items()
-            if k in ("model", "head", "eval_mode", "data_dir", "order", "max_test", "max_length",
+            if k in ("model", "objective", "mlm_probability", "head", "eval_mode", "data_dir", "order", "max_test", "max_length",
                      "length_buckets", "eval_batch_size", "max_new_tokens", "seed", "train_per_class",
                      "eval_split", "dev_per_class", "copa_prompt")}
   if mode is not None and mode != cfg.eval_mode:
@@ -745,7 +800,7 @@ def evaluate_checkpoint(run_dir: str | os.PathLike, *, order=None, max_test: int
   cfg = Config.from_dict({**identity, "methods": (method_name,), "seeds": (seed,), "progress": progress,
                           "output_dir": str(run_dir.parent.parent)})
   method = methods_lib.get_method(method_name)
-  _, model_params, _ = load_model(cfg.model)
+  _, model_params, _ = load_model(cfg.model, cfg.objective)
   train_tasks = load_tasks(cfg, seed)
   train_head = _head(cfg, train_tasks)
   key = jax.random.key(seed)
@@ -766,7 +821,7 @@ def evaluate_checkpoint(run_dir: str | os.PathLike, *, order=None, max_test: int
   row = evaluate(head, params, tasks, cfg=eval_cfg, desc=f"eval {method_name} seed {seed}")
   return {"run_dir": str(run_dir), "method": method_name, "seed": seed,
           "checkpoint": {"task": meta["task"], "step": meta["step"]}, "tasks": [t.name for t in tasks],
-          "accuracies": row, "eval_mode": head.eval_mode,
+          "accuracies": row, "eval_mode": head.eval_mode, "metric": getattr(head, "metric", "accuracy"),
           "heldout_tasks": [t.name for t in tasks if t.test_is_heldout]}
 
 

@@ -173,6 +173,24 @@ def load_domain(root: str | Path, name: str, *, max_train: int | None = None, ma
                     (len(train), len(test)))
 
 
+def load_corpus(folder: str | Path, *, max_docs: int | None = None, seed: int = 0) -> TextDomain:
+  """A general held-out corpus (``--general``): the documents of a folder's test file (or, without one, its
+  train file), at most ``max_docs`` (seeded sample), as the ``test`` split of a domain named ``"general"``.
+
+  Raises:
+    DataError: not a folder, or no test/train file in it.
+  """
+  folder = Path(folder)
+  if not folder.is_dir():
+    raise DataError(f"General corpus {str(folder)!r} is not a folder (--general / config.general); give a folder "
+                    "holding test.txt or test.jsonl (one document per line).")
+  path = split_file(folder, "test") or split_file(folder, "train")
+  if path is None:
+    raise DataError(f"General corpus {folder} has no test.txt, test.jsonl, train.txt or train.jsonl.")
+  docs = _sample(read_documents(path), max_docs, seed)
+  return TextDomain("general", folder.parent.name, folder.name, (), tuple(docs), False, (0, len(docs)))
+
+
 def pack(token_docs: Sequence[Sequence[int]], block_size: int, *, prefix: Sequence[int] = (),
          suffix: Sequence[int] = (), separator: Sequence[int] = ()) -> list[tuple[int, ...]]:
   """Token blocks of at most ``block_size``: ``prefix + stream[i:i + n] + suffix``, the stream being every
@@ -224,5 +242,5 @@ def domain_from_hub(out: str | Path, name: str, dataset: str, *, text_column: st
   return folder
 
 
-__all__ = ["SPLIT_FILES", "TextDomain", "domain_from_hub", "is_text_domain", "load_domain", "pack", "pack_domain",
+__all__ = ["SPLIT_FILES", "TextDomain", "domain_from_hub", "is_text_domain", "load_corpus", "load_domain", "pack", "pack_domain",
            "read_documents", "split_file", "split_name"]
