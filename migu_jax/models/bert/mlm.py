@@ -134,14 +134,16 @@ def head_from_hf(state_dict: dict, cfg: modeling.Config, *, tie_word_embeddings:
                  source: str = "checkpoint") -> dict | None:
   """The ``mlm_head`` params from a HF state dict, or None when it holds no MLM head.
 
-  A tied checkpoint's decoder weight (a copy of the word embedding, if saved) and the decoder's bias (the
-  head's ``bias``) are skipped. Raises ``CheckpointError`` listing every missing or mis-shaped tensor.
+  A tied checkpoint's decoder weight (a copy of the word embedding, if saved) is skipped; the decoder's
+  own bias, when saved, is the one its logits add (transformers' forward), else the head's ``bias``. Raises ``CheckpointError`` listing every missing or mis-shaped tensor.
   """
   prefix = _HEAD_PREFIX[cfg.model_type]
   head = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
   if not head:
     return None
-  ignore = [re.escape(prefix) + r"decoder\.bias"]
+  if prefix + "decoder.bias" in head:  # the bias the decoder adds (transformers 5 unties it from ``bias``)
+    head[prefix + "bias"] = head.pop(prefix + "decoder.bias")
+  ignore = []
   if tie_word_embeddings:
     ignore.append(re.escape(prefix) + r"decoder\.weight")
   like = jax.eval_shape(lambda: init_head(cfg, tie_word_embeddings=tie_word_embeddings))

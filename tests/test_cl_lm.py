@@ -1,0 +1,217 @@
+"""Continual pre-training (objective "lm"): MLM corruption, the MLM head and causal-LM perplexity against
+transformers, MIGU on the LM head, and the runner / CLI on two tiny text domains with exact resume."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from migu_jax.cl import objectives
+
+WORDS = {"a": "cat dog bird fish horse mouse".split(), "b": "stock market price bank trade money".split()}
+
+
+def _tokenizer(kind="bert"):
+  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>"]
+  tok.train_from_iterator(WORDS["a"] + WORDS["b"], trainers.WordPieceTrainer(vocab_size=60, special_tokens=specials))
+  if kind == "bert":
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+  tok.decoder = decoders.WordPiece()
+  return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
+
+
+def _docs(words, n, rng):
+  return "".join(" ".join(rng.choice(words, 12)) + "\n" for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+  """Two domains of disjoint vocabularies (G/a, G/b), a general corpus, and a tiny random BERT folder."""
+  from migu_jax.models import bert, save_pretrained
+
+  root = tmp_path_factory.mktemp("text")
+  rng = np.random.default_rng(0)
+  for name, words in WORDS.items():
+    (root / "G" / name).mkdir(parents=True)
+    (root / "G" / name / "train.txt").write_text(_docs(words, 32, rng))
+    (root / "G" / name / "test.txt").write_text(_docs(words, 6, rng))
+  (root / "general").mkdir()
+  (root / "general" / "test.txt").write_text(_docs(WORDS["a"] + WORDS["b"], 6, rng))
+  tok = _tokenizer()
+  cfg = bert.Config.preset("tiny", vocab_size=len(tok), max_position_embeddings=32)
+  save_pretrained(bert.BertModel(cfg), bert.params.init_params(cfg), root / "bert", tokenizer=tok)
+  return root
+
+
+def test_mlm_corruption_is_80_10_10_and_split_invariant():
+  ids = jnp.full((64, 256), 7, jnp.int32)
+  maskable = jnp.ones_like(ids, bool).at[:, :3].set(False)
+  new, chosen = objectives.mlm_corrupt(jax.random.key(1), ids, maskable, jnp.arange(64), mask_id=1, vocab_size=50)
+  frac = float(chosen.mean() / maskable.mean())
+  assert 0.14 < frac < 0.16 and not bool(chosen[:, :3].any())
+  to_mask = float(((new == 1) & chosen).sum() / chosen.sum())
+  kept = float(((new == 7) & chosen).sum() / chosen.sum())  # 10% kept (+ random draws of 7: 1/50 of 10%)
+  assert 0.77 < to_mask < 0.83 and 0.08 < kept < 0.13
+  half, _ = objectives.mlm_corrupt(jax.random.key(1), ids[32:], maskable[32:], jnp.arange(32, 64), mask_id=1,
+                                   vocab_size=50)
+  assert bool((half == new[32:]).all())  # rows draw by their index: micro-batches and devices agree
+
+
+def _hf_masked_lm(kind, tied=True):
+  import torch
+  from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+
+  torch.manual_seed(0)
+  size = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+              tie_word_embeddings=tied)
+  model = (BertForMaskedLM(BertConfig(max_position_embeddings=64, **size)) if kind == "bert" else
+           RobertaForMaskedLM(RobertaConfig(max_position_embeddings=70, pad_token_id=1, **size)))
+  with torch.no_grad():  # biases and LayerNorm away from their 0 / 1 initial values
+    for name, p in model.named_parameters():
+      if "bias" in name or "LayerNorm" in name or "layer_norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  return model.eval()
+
+
+@pytest.mark.parametrize("kind, tied", [("bert", True), ("bert", False), ("roberta", True)])
+def test_mlm_head_matches_transformers(tmp_path, kind, tied):
+  import torch
+  from migu_jax.models.bert import mlm
+
+  hf = _hf_masked_lm(kind, tied)
+  hf.save_pretrained(tmp_path)
+  model, params, _, loaded = mlm.from_pretrained(str(tmp_path))
+  assert loaded and ("decoder" in params["mlm_head"]) == (not tied)
+  ids = np.random.default_rng(0).integers(3, 99, (2, 9))
+  mask = np.ones((2, 9), np.int64)
+  mask[1, 6:] = 0
+  with torch.no_grad():
+    ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  out = np.asarray(model.apply({"params": params}, ids, mask))
+  assert np.abs(out - ref)[mask == 1].max() < 1e-4
+
+
+def test_encoder_without_mlm_head_gets_a_tied_fresh_one(text_data):
+  from migu_jax.models.bert import mlm
+
+  model, params, _, loaded = mlm.from_pretrained(str(text_data / "bert"))
+  assert not loaded and model.tie_word_embeddings and sorted(params["mlm_head"]) == ["bias", "layer_norm", "transform"]
+  assert float(jnp.abs(params["mlm_head"]["bias"]).max()) == 0.0
+
+
+def test_causal_lm_perplexity_matches_transformers(tmp_path):
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  from migu_jax.models import from_pretrained
+
+  tok = _tokenizer("lm")
+  torch.manual_seed(0)
+  hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    tie_word_embeddings=True)).eval()
+  hf.save_pretrained(tmp_path)
+  model, params, _ = from_pretrained(str(tmp_path))
+  objective = objectives.CausalLMObjective(model, tok, objectives.ObjectiveConfig(max_length=16, eval_batch_size=4))
+  docs = ["cat dog bird fish horse mouse cat", "stock market price", "bank trade money money bank"]
+  blocks = objective.pack(objectives.text_lib.TextDomain("g/d", "g", "d", (), tuple(docs))).test
+  assert len(blocks) >= 2 and len(blocks[-1]) < 16  # the short last block counts too
+  ours = objective.perplexity({"model": params}, 0, blocks)
+  nll, count = 0.0, 0
+  with torch.no_grad():
+    for b in blocks:
+      loss = hf(input_ids=torch.tensor([b]), labels=torch.tensor([b])).loss
+      nll, count = nll + float(loss) * (len(b) - 1), count + len(b) - 1
+  assert abs(ours - np.exp(nll / count)) / ours < 1e-3
+
+
+def test_migu_masks_the_tied_lm_head_and_the_transform(text_data):
+  import migu_jax as migu
+  from migu_jax.cl import methods, runner
+
+  cfg = runner.Config(model=str(text_data / "bert"), objective="lm", data_dir=str(text_data), order="G/a",
+                      max_length=16, progress=False)
+  domain = runner.load_tasks(cfg, 0)[0]
+  head = runner._head(cfg, [domain])
+  _, model_params, _ = runner.load_model(cfg.model, "lm")
+  forward = methods.make_forward(methods.get_method("migu"), cfg, head.model)
+  params = {"model": model_params, "head": {}}
+  batch = head.train_batch([(0, b) for b in domain.train[:4]])
+  (loss, mags), grads = jax.value_and_grad(lambda p: head.loss(forward, p, batch, rng=jax.random.key(0)),
+                                           has_aux=True)(params)
+  assert np.isfinite(float(loss))
+  assert mags["model"]["embeddings"]["word_embeddings"]["embedding"].shape == (len(_tokenizer()), 1)
+  tx = migu.mask_by_magnitude(0.7, where=methods._where(methods.get_method("migu")))
+  updates, _ = tx.update(grads, tx.init(params), params, magnitudes=mags)
+  for path in (("mlm_head", "transform", "kernel"), ("embeddings", "word_embeddings", "embedding")):
+    g, u = grads["model"], updates["model"]
+    for k in path:
+      g, u = g[k], u[k]
+    rows_kept = np.abs(np.asarray(u)).sum(axis=0 if path[-1] == "kernel" else 1) > 0
+    assert 0 < rows_kept.sum() < rows_kept.size  # some output features kept, the rest zeroed
+
+
+def _cfg(data, out, **changes):
+  from migu_jax.cl import runner
+
+  values = dict(model=str(data / "bert"), objective="lm", data_dir=str(data), order="G/a,G/b", methods=("migu",),
+                seeds=(0,), max_length=16, batch_size=8, eval_batch_size=16, learning_rate=3e-3, train_per_class=None,
+                max_test=None, output_dir=str(out), progress=False, checkpoint_every=2, magnitude_batches=0,
+                general=str(data / "general"))
+  values.update(changes)
+  return runner.Config(**values)
+
+
+def test_cli_run_writes_perplexity_matrix_and_training_lowers_it(text_data, tmp_path, capsys):
+  from migu_jax import cli
+
+  code = cli.main(["run", "--model", str(text_data / "bert"), "--objective", "lm", "--data-dir", str(text_data),
+                   "--order", "G/a,G/b", "--methods", "seqft,migu", "--seeds", "0", "--max-length", "16",
+                   "--batch-size", "8", "--lr", "3e-3", "--output", str(tmp_path), "--general",
+                   str(text_data / "general"), "--no-progress", "--no-plots", "--set", "max_test=None",
+                   "--set", "train_per_class=None", "--set", "magnitude_batches=0"])
+  assert code == 0
+  results = json.loads((tmp_path / "results.json").read_text())
+  for run in results["runs"]:
+    matrix, initial = np.array(run["matrix"]), np.array(run["initial"])
+    assert run["metric"] == "perplexity" and matrix.shape == (2, 2) and initial.shape == (2,)
+    assert np.isfinite(matrix).all() and np.isfinite(initial).all() and len(run["general"]) == 3
+    assert matrix[0, 0] < initial[0] and matrix[1, 1] < matrix[0, 1]  # training on a domain lowers its perplexity
+  seqft, migu = results["runs"]
+  assert seqft["matrix"][0] == pytest.approx(migu["matrix"][0], rel=1e-4)  # MIGU's first domain is unmasked
+  assert seqft["params_sha256"] != migu["params_sha256"]
+  md = (tmp_path / "results.md").read_text()
+  assert "lower is better" in md and "| migu |" in md and "General PPL" in md
+  assert "BWT (PPL increase)" in capsys.readouterr().out
+
+
+class Killed(Exception):
+  pass
+
+
+def test_killed_mid_domain_resumes_bit_identical(text_data, tmp_path):
+  from migu_jax.cl import runner
+
+  reference = runner.run_sequence(_cfg(text_data, tmp_path / "ref"), "migu", 0)
+
+  def kill(event, info):
+    if event == "step" and (info["task"], info["step"]) == (1, 2):
+      raise Killed
+
+  cfg = _cfg(text_data, tmp_path / "killed")
+  with pytest.raises(Killed):
+    runner.run_sequence(cfg, "migu", 0, callbacks=[kill])
+  resumed = runner.run_sequence(cfg, "migu", 0)
+  assert resumed["params_sha256"] == reference["params_sha256"]
+  assert resumed["matrix"] == reference["matrix"] and resumed["general"] == reference["general"]
