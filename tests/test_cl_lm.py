@@ -55,16 +55,17 @@ def text_data(tmp_path_factory):
 
 
 def test_mlm_corruption_is_80_10_10_and_split_invariant():
+  corrupt = jax.jit(lambda ids, maskable, rows: objectives.mlm_corrupt(jax.random.key(1), ids, maskable, rows,
+                                                                        mask_id=1, vocab_size=50))
   ids = jnp.full((64, 256), 7, jnp.int32)
   maskable = jnp.ones_like(ids, bool).at[:, :3].set(False)
-  new, chosen = objectives.mlm_corrupt(jax.random.key(1), ids, maskable, jnp.arange(64), mask_id=1, vocab_size=50)
+  new, chosen = corrupt(ids, maskable, jnp.arange(64))
   frac = float(chosen.mean() / maskable.mean())
   assert 0.14 < frac < 0.16 and not bool(chosen[:, :3].any())
   to_mask = float(((new == 1) & chosen).sum() / chosen.sum())
   kept = float(((new == 7) & chosen).sum() / chosen.sum())  # 10% kept (+ random draws of 7: 1/50 of 10%)
   assert 0.77 < to_mask < 0.83 and 0.08 < kept < 0.13
-  half, _ = objectives.mlm_corrupt(jax.random.key(1), ids[32:], maskable[32:], jnp.arange(32, 64), mask_id=1,
-                                   vocab_size=50)
+  half, _ = corrupt(ids[32:], maskable[32:], jnp.arange(32, 64))
   assert bool((half == new[32:]).all())  # rows draw by their index: micro-batches and devices agree
 
 
@@ -148,12 +149,12 @@ def test_migu_masks_the_tied_lm_head_and_the_transform(text_data):
   forward = methods.make_forward(methods.get_method("migu"), cfg, head.model)
   params = {"model": model_params, "head": {}}
   batch = head.train_batch([(0, b) for b in domain.train[:4]])
-  (loss, mags), grads = jax.value_and_grad(lambda p: head.loss(forward, p, batch, rng=jax.random.key(0)),
-                                           has_aux=True)(params)
+  (loss, mags), grads = jax.jit(jax.value_and_grad(lambda p: head.loss(forward, p, batch, rng=jax.random.key(0)),
+                                                   has_aux=True))(params)
   assert np.isfinite(float(loss))
   assert mags["model"]["embeddings"]["word_embeddings"]["embedding"].shape == (len(_tokenizer()), 1)
   tx = migu.mask_by_magnitude(0.7, where=methods._where(methods.get_method("migu")))
-  updates, _ = tx.update(grads, tx.init(params), params, magnitudes=mags)
+  updates, _ = jax.jit(lambda g, m: tx.update(g, tx.init(params), params, magnitudes=m))(grads, mags)
   for path in (("mlm_head", "transform", "kernel"), ("embeddings", "word_embeddings", "embedding")):
     g, u = grads["model"], updates["model"]
     for k in path:
@@ -163,26 +164,38 @@ def test_migu_masks_the_tied_lm_head_and_the_transform(text_data):
 
 
 def _cfg(data, out, **changes):
+  """The settings of the CLI run below (so its compiled steps are reused), as a Config."""
   from migu_jax.cl import runner
 
-  values = dict(model=str(data / "bert"), objective="lm", data_dir=str(data), order="G/a,G/b", methods=("migu",),
-                seeds=(0,), max_length=16, batch_size=8, eval_batch_size=16, learning_rate=3e-3, train_per_class=None,
-                max_test=None, output_dir=str(out), progress=False, checkpoint_every=2, magnitude_batches=0,
-                general=str(data / "general"))
+  values = dict(model=str(data / "bert"), objective="lm", data_dir=str(data), order="G/a,G/b", methods=("seqft", "migu"),
+                seeds=(0,), max_length=16, batch_size=8, learning_rate=3e-3, train_per_class=None, max_test=None,
+                output_dir=str(out), progress=False, magnitude_batches=0, general=str(data / "general"))
   values.update(changes)
   return runner.Config(**values)
 
 
-def test_cli_run_writes_perplexity_matrix_and_training_lowers_it(text_data, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def cli_run(text_data, tmp_path_factory):
+  """The issue's command on two new text folders: ``(exit code, output folder, printed text)``."""
+  import contextlib
+  import io
+
   from migu_jax import cli
 
-  code = cli.main(["run", "--model", str(text_data / "bert"), "--objective", "lm", "--data-dir", str(text_data),
-                   "--order", "G/a,G/b", "--methods", "seqft,migu", "--seeds", "0", "--max-length", "16",
-                   "--batch-size", "8", "--lr", "3e-3", "--output", str(tmp_path), "--general",
-                   str(text_data / "general"), "--no-progress", "--no-plots", "--set", "max_test=None",
-                   "--set", "train_per_class=None", "--set", "magnitude_batches=0"])
+  out, printed = tmp_path_factory.mktemp("cli_run"), io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    code = cli.main(["run", "--model", str(text_data / "bert"), "--objective", "lm", "--data-dir", str(text_data),
+                     "--order", "G/a,G/b", "--methods", "seqft,migu", "--seeds", "0", "--max-length", "16",
+                     "--batch-size", "8", "--lr", "3e-3", "--output", str(out), "--general", str(text_data / "general"),
+                     "--no-progress", "--no-plots", "--set", "max_test=None", "--set", "train_per_class=None",
+                     "--set", "magnitude_batches=0"])
+  return code, out, printed.getvalue()
+
+
+def test_cli_run_writes_perplexity_matrix_and_training_lowers_it(cli_run):
+  code, out, printed = cli_run
   assert code == 0
-  results = json.loads((tmp_path / "results.json").read_text())
+  results = json.loads((out / "results.json").read_text())
   for run in results["runs"]:
     matrix, initial = np.array(run["matrix"]), np.array(run["initial"])
     assert run["metric"] == "perplexity" and matrix.shape == (2, 2) and initial.shape == (2,)
@@ -191,27 +204,28 @@ def test_cli_run_writes_perplexity_matrix_and_training_lowers_it(text_data, tmp_
   seqft, migu = results["runs"]
   assert seqft["matrix"][0] == pytest.approx(migu["matrix"][0], rel=1e-4)  # MIGU's first domain is unmasked
   assert seqft["params_sha256"] != migu["params_sha256"]
-  md = (tmp_path / "results.md").read_text()
+  md = (out / "results.md").read_text()
   assert "lower is better" in md and "| migu |" in md and "General PPL" in md
-  assert "BWT (PPL increase)" in capsys.readouterr().out
+  assert "BWT (PPL increase)" in printed
 
 
 class Killed(Exception):
   pass
 
 
-def test_killed_mid_domain_resumes_bit_identical(text_data, tmp_path):
+def test_killed_mid_domain_resumes_bit_identical(text_data, tmp_path, cli_run):
   from migu_jax.cl import runner
 
-  reference = runner.run_sequence(_cfg(text_data, tmp_path / "ref"), "migu", 0)
+  reference = json.loads((cli_run[1] / "migu" / "seed_0" / "result.json").read_text())
 
   def kill(event, info):
     if event == "step" and (info["task"], info["step"]) == (1, 2):
       raise Killed
 
-  cfg = _cfg(text_data, tmp_path / "killed")
+  cfg = _cfg(text_data, tmp_path, checkpoint_every=2)
   with pytest.raises(Killed):
     runner.run_sequence(cfg, "migu", 0, callbacks=[kill])
   resumed = runner.run_sequence(cfg, "migu", 0)
+  assert resumed["steps"][1] > 2  # the kill was mid-domain
   assert resumed["params_sha256"] == reference["params_sha256"]
   assert resumed["matrix"] == reference["matrix"] and resumed["general"] == reference["general"]
