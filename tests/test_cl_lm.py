@@ -46,6 +46,12 @@ def text_data(tmp_path_factory):
     (root / "G" / name).mkdir(parents=True)
     (root / "G" / name / "train.txt").write_text(_docs(words, 32, rng))
     (root / "G" / name / "test.txt").write_text(_docs(words, 6, rng))
+  (root / "E" / "a-end").mkdir(parents=True)  # a labeled end task for the DAS protocol
+  for split, n in (("train", 16), ("test", 8)):
+    records = [{"sentence": " ".join(rng.choice(WORDS[k], 6)), "label": {"a": "animal", "b": "money"}[k]}
+               for _ in range(n) for k in ("a", "b")]
+    (root / "E" / "a-end" / f"{split}.json").write_text(json.dumps(records))
+  (root / "E" / "a-end" / "labels.json").write_text(json.dumps(["animal", "money"]))
   (root / "general").mkdir()
   (root / "general" / "test.txt").write_text(_docs(WORDS["a"] + WORDS["b"], 6, rng))
   tok = _tokenizer()
@@ -229,3 +235,19 @@ def test_killed_mid_domain_resumes_bit_identical(text_data, tmp_path, cli_run):
   assert resumed["steps"][1] > 2  # the kill was mid-domain
   assert resumed["params_sha256"] == reference["params_sha256"]
   assert resumed["matrix"] == reference["matrix"] and resumed["general"] == reference["general"]
+
+
+def test_end_tasks_fine_tune_a_copy_and_report_accuracy_and_macro_f1(text_data):
+  from migu_jax.cl import end_tasks, runner
+
+  cfg = _cfg(text_data, text_data / "unused", end_tasks={"G/a": "E/a-end"}, end_task_train_per_class=8,
+             end_task_max_test=8)
+  _, model_params, _ = runner.load_model(cfg.model, "lm")
+  scores = runner.run_end_tasks(cfg, model_params, 0, ["G/a", "G/b"])
+  assert list(scores) == ["G/a"]
+  r = scores["G/a"]
+  assert (r["task"], r["train_examples"], r["test_examples"], r["steps"]) == ("E/a-end", 16, 8, 2)
+  assert 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1
+  assert end_tasks.macro_f1([1, 1], [1, 1], 2) == 0.5  # a label absent from both counts as 0, as sklearn's
+  with pytest.raises(ValueError, match="keys among the domains"):
+    _cfg(text_data, text_data / "unused", end_tasks={"G/c": "E/a-end"})

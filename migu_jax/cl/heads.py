@@ -218,6 +218,10 @@ class Head:
     (default :attr:`eval_mode`; language-model heads also take the other of ``"options"``/``"generate"``)."""
     raise NotImplementedError
 
+  def predict(self, params, task_index: int, records: Sequence[Record], progress=None) -> np.ndarray:
+    """The index (in the task's labels) of the option the model chooses for each record (option scoring)."""
+    raise NotImplementedError
+
 
 # --------------------------------------------------------------------------------------------------
 # Encoder: cosine similarity between the prompt and each option's embedding
@@ -316,12 +320,17 @@ class EncoderOptionHead(Head):
   def correct(self, params, task_index, records, progress=None, mode=None):
     if mode not in (None, "options"):
       raise ValueError(f"The encoder head evaluates by 'options' only, not {mode!r} (config.also_eval).")
+    labels = self.tasks[task_index].labels
+    pred = self.predict(params, task_index, records, progress)
+    return int(sum(labels[p] == r.label for p, r in zip(pred, records)))
+
+  def predict(self, params, task_index, records, progress=None):
     labels = self._embed(params["model"], self.label_ids, self.label_mask)
     options = self.options[task_index]
     examples = [(task_index, r) for r in records]
     rows = self._prompt_rows(examples)
     order = np.argsort([len(r) for r in rows], kind="stable")  # similar lengths share a bucket
-    n_correct = 0
+    pred = np.zeros(len(records), np.int64)
     bs = self.cfg.eval_batch_size
     for start in range(0, len(rows), bs):
       chunk = order[start:start + bs]
@@ -329,12 +338,10 @@ class EncoderOptionHead(Head):
       ids, mask = _pad(batch_rows, _bucket(max(map(len, batch_rows)), self.cfg), self.pad_id)
       emb = self._embed(params["model"], ids, mask)
       scores = np.asarray(emb @ labels[options].T)[:len(chunk)]
-      pred = options[np.argmax(scores, axis=1)]
-      gold = np.array([self._index[records[i].label] for i in chunk])
-      n_correct += int((pred == gold).sum())
+      pred[chunk] = np.argmax(scores, axis=1)
       if progress is not None:
         progress(len(chunk))
-    return n_correct
+    return pred
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,6 +391,11 @@ class _LanguageModelHead(Head):
     Each prompt runs once and all of the task's options are scored from it (:meth:`_option_scores`).
     """
     labels = self.tasks[task_index].labels
+    pred = self.predict(params, task_index, records, progress)
+    return int(sum(labels[p] == r.label for p, r in zip(pred, records)))
+
+  def predict(self, params, task_index, records, progress=None):
+    labels = self.tasks[task_index].labels
     scores = np.zeros((len(records), len(labels)))
     order = np.argsort([len(r.sentence) for r in records], kind="stable")  # similar lengths share a bucket
     bs = self.cfg.eval_batch_size
@@ -393,8 +405,7 @@ class _LanguageModelHead(Head):
       scores[idx] = np.asarray(self._option_scores(params["model"], task_index, chunk))[:len(idx)]
       if progress is not None:
         progress(len(idx))
-    pred = np.argmax(scores, axis=1)
-    return int(sum(labels[p] == r.label for p, r in zip(pred, records)))
+    return np.argmax(scores, axis=1)
 
   def _option_scores(self, model_params, task_index, records):
     """``[len(records), n_options]`` total log-likelihoods; subclasses score from one prompt pass."""

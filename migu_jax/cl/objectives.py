@@ -120,7 +120,7 @@ class LanguageModelObjective:
   def encode(self, texts: list[str]) -> list[list[int]]:
     if not texts:
       return []
-    return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
   def pack(self, domain: text_lib.TextDomain) -> text_lib.TextDomain:
     """The domain's documents as token blocks of ``max_length`` (see :func:`migu_jax.cl.text.pack`)."""

@@ -60,9 +60,13 @@ def _clean(x):
   return x
 
 
+END_TASK_METRICS = (("end_task_accuracy", "End-task acc"), ("end_task_macro_f1", "End-task macro-F1"))
+"""The DAS protocol's means over domains (percent), compared beside the perplexity metrics."""
+
+
 def metric_columns(metric: str | None) -> tuple[tuple[str, str], ...]:
   """The compared metrics of runs measured by ``metric`` (``"accuracy"`` or ``"perplexity"``)."""
-  return PERPLEXITY_METRICS if metric == "perplexity" else METRICS
+  return PERPLEXITY_METRICS + END_TASK_METRICS if metric == "perplexity" else METRICS
 
 
 def run_result(method: str, seed: int, tasks, meta: dict, eval_mode: str) -> dict:
@@ -72,12 +76,16 @@ def run_result(method: str, seed: int, tasks, meta: dict, eval_mode: str) -> dic
   metric = meta.get("metric", "accuracy")
   if metric == "perplexity":
     metrics = summarize_perplexity(matrix, initial=meta["initial"], general=meta.get("general"))
+    ends = list((meta.get("end_tasks") or {}).values())
+    metrics["end_task_accuracy"] = float(np.mean([e["accuracy"] for e in ends])) if ends else None
+    metrics["end_task_macro_f1"] = float(np.mean([e["macro_f1"] for e in ends])) if ends else None
   else:
     metrics = summarize(matrix, initial=meta["initial"])
   return _clean({
       "method": method,
       "metric": metric,
       "general": meta.get("general") or None,
+      "end_tasks": meta.get("end_tasks"),
       "seed": seed,
       "tasks": [t.name for t in tasks],
       "eval_mode": eval_mode,
@@ -149,15 +157,16 @@ def comparison_table(comp: dict) -> str:
   """Markdown table: one row per method, AA / BWT / FWT / forgetting in percent (mean ± std over seeds); for
   text domains the perplexity metrics (:data:`migu_jax.cl.perplexity.PERPLEXITY_METRICS`) as they are."""
   perplexity = any("average_perplexity" in row for row in comp.values())
-  columns, fmt, scale = (PERPLEXITY_METRICS, _ppl, 1) if perplexity else (METRICS, _pct, 100)
+  columns = PERPLEXITY_METRICS + END_TASK_METRICS if perplexity else METRICS
   lines = ["| method | " + " | ".join(name for _, name in columns) + " | seeds |",
            "|---|" + "---:|" * len(columns) + "---|"]
   for method, row in comp.items():
     cells = []
     for key, _ in columns:
-      cell = fmt(row.get(key))
+      percent = not perplexity or key.startswith("end_task")
+      cell = (_pct if percent else _ppl)(row.get(key))
       if row.get(key + "_std") is not None:
-        cell += f" ± {scale * row[key + '_std']:.{2 if perplexity else 1}f}"
+        cell += f" ± {(100 if percent else 1) * row[key + '_std']:.{1 if percent else 2}f}"
       cells.append(cell)
     lines.append(f"| {method} | " + " | ".join(cells) + f" | {','.join(map(str, row['seeds']))} |")
   return "\n".join(lines)
@@ -201,6 +210,12 @@ def markdown(results: dict) -> str:
               f"`name@rate` rows at another rate use the config's fixed learning_rate).", ""]
   for run in results["runs"]:
     parts += [f"## {run['method']}, seed {run['seed']}", "", matrix_table(run), ""]
+    if run.get("end_tasks"):
+      parts += ["End tasks (DAS protocol: a copy of the final model fine-tuned on each):", "",
+                "| domain | end task | accuracy | macro-F1 | train / test records |", "|---|---|---:|---:|---|"]
+      parts += [f"| {d} | {e['task']} | {_pct(e['accuracy'])} | {_pct(e['macro_f1'])} | {e['train_examples']} / "
+                f"{e['test_examples']} |" for d, e in run["end_tasks"].items()]
+      parts += [""]
   return "\n".join(parts)
 
 

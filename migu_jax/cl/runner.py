@@ -50,6 +50,7 @@ from flax import traverse_util
 import migu_jax as migu
 from migu_jax.cl import atomic
 from migu_jax.cl import checkpoint as ckpt_lib
+from migu_jax.cl import end_tasks as end_tasks_lib
 from migu_jax.cl import faults
 from migu_jax.cl import heads as heads_lib
 from migu_jax.cl import methods as methods_lib
@@ -88,6 +89,10 @@ class Config:
   ``"lm"``, ``order`` names ``group/domain`` folders, ``max_length`` is the block size, ``train_per_class``
   and ``max_test`` cap the training and test documents per domain, and ``general`` (a folder with
   test.txt or test.jsonl) adds the perplexity of a general held-out corpus after every stage.
+  ``end_tasks`` (``{"group/domain": "Category/task"}``) runs the DAS end-task protocol after the sequence
+  (:mod:`migu_jax.cl.end_tasks`): a copy of the final model fine-tuned on each labeled task
+  (``end_task_train_per_class`` records per label, ``end_task_max_test`` test records, ``end_task_epochs``
+  epochs at ``end_task_lr``, default ``learning_rate``), with accuracy and macro-F1.
 
   Methods: ``methods`` (names from :data:`migu_jax.cl.methods.METHODS`, run side by side), ``seeds``,
   ``ratio`` (MIGU's T), ``exact_count``, ``threshold`` (a rule of :data:`migu_jax.THRESHOLDS`; None:
@@ -132,6 +137,11 @@ class Config:
   objective: str = "task"
   general: str | None = None
   mlm_probability: float = 0.15
+  end_tasks: dict[str, str] | None = None
+  end_task_epochs: int = 1
+  end_task_lr: float | None = None
+  end_task_train_per_class: int | None = 32
+  end_task_max_test: int | None = 200
   head: str | None = None
   eval_mode: str = "options"
   also_eval: tuple[str, ...] = ()
@@ -218,6 +228,12 @@ class Config:
     if self.objective == "lm" and (self.also_eval or self.tune_rates or self.eval_split != "test"):
       raise ValueError("Config.objective='lm' is evaluated by perplexity on each domain's test documents: "
                        "also_eval, tune_rates and eval_split='dev' do not apply; leave them at their defaults.")
+    if self.end_tasks:
+      self.end_tasks = {str(k): str(v) for k, v in dict(self.end_tasks).items()}
+      unknown = sorted(set(self.end_tasks) - set(resolve_order(self.order)))
+      if self.objective != "lm" or unknown:
+        raise ValueError(f"Config.end_tasks={self.end_tasks!r}: needs objective='lm' and keys among the domains of "
+                         f"the order ({', '.join(resolve_order(self.order))}); not in it: {unknown}.")
     if not 0.0 < self.mlm_probability < 1.0:
       raise ValueError(f"Config.mlm_probability={self.mlm_probability} must be in (0, 1); BERT uses 0.15.")
     if self.eval_split not in ("test", "dev"):
@@ -718,11 +734,43 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
     for cb in callbacks:
       cb("task_done", {"task": t, "row": meta["rows"][-1]})
 
+  if cfg.objective == "lm" and cfg.end_tasks and "end_tasks" not in meta:
+    meta["end_tasks"] = run_end_tasks(cfg, placed.fetch(params)["model"], seed, [t.name for t in tasks])
   meta["params_sha256"] = params_digest(placed.fetch(params))
   result = report_lib.run_result(method_name, seed, tasks, meta, head.eval_mode)
   if is_writer():
     atomic.write_json(folder / "result.json", result)
   return result
+
+
+def run_end_tasks(cfg: Config, model_params: dict, seed: int, domains: Sequence[str]) -> dict[str, dict]:
+  """The DAS protocol (:mod:`migu_jax.cl.end_tasks`): ``{domain: {"task", "accuracy", "macro_f1", ...}}``."""
+  names = [d for d in domains if d in cfg.end_tasks]
+  task_cfg = cfg.replace(objective="task", order=tuple(cfg.end_tasks[d] for d in names), general=None, end_tasks=None,
+                         learning_rate=cfg.end_task_lr or cfg.learning_rate, epochs=cfg.end_task_epochs,
+                         train_per_class=cfg.end_task_train_per_class, max_test=cfg.end_task_max_test,
+                         methods=("seqft",))
+  tasks = load_tasks(task_cfg, seed)
+  head = _head(task_cfg, tasks)
+  method = methods_lib.get_method("seqft")
+  tx, step_fn, placed = _step_and_placement(task_cfg, method, seed, head)
+
+  def start_state(params):
+    params = placed.place(params)
+    return params, placed.place(methods_lib.start_task(method, task_cfg, tx, params, 0))
+
+  start = end_tasks_lib.encoder_params(model_params)
+  out = {}
+  for j, (domain, task) in enumerate(zip(names, tasks)):
+    out[domain] = end_tasks_lib.fine_tune_and_score(
+        head, step_fn, start_state, start, j, task, batch_size=task_cfg.batch_size, epochs=task_cfg.epochs,
+        seed=seed, key=jax.random.fold_in(jax.random.key(seed), 10_000 + j))
+    if cfg.progress and is_writer():
+      from tqdm.auto import tqdm
+      r = out[domain]
+      tqdm.write(f"end task {task.name} ({domain}): accuracy {100 * r['accuracy']:.1f}, macro-F1 "
+                 f"{100 * r['macro_f1']:.1f}")
+  return out
 
 
 def _general_row(cfg: Config, head, params, general, stage: str) -> list[float]:
@@ -858,5 +906,6 @@ def _run_all(cfg: Config, callbacks: Sequence[Callback], plots: bool, start: flo
 
 
 __all__ = ["Config", "DataError", "Placement", "capture_magnitudes", "data_dir", "evaluate", "evaluate_checkpoint",
-           "is_writer", "load_model", "load_tasks", "make_mesh", "params_digest", "run_experiment", "run_folder",
+           "is_writer", "load_general", "load_model", "load_tasks", "make_mesh", "params_digest", "run_end_tasks",
+           "run_experiment", "run_folder",
            "run_sequence", "shard_spec"]
