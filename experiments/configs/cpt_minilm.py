@@ -1,0 +1,53 @@
+"""Continual pre-training (the paper's Table 3 setting, at CPU scale): MiniLM's masked LM trained on four text
+domains in turn, SeqFT vs MIGU vs the random mask, two seeds; held-out perplexity matrix, general-corpus
+perplexity, then the DAS end-task protocol (a copy of the final model fine-tuned on each domain's labeled task:
+accuracy and macro-F1).
+
+Command (from the repository root; first build the offline domains from ../shared/data/CL_Benchmark)::
+
+    python experiments/build_text_domains.py        # writes ~/.cache/migu_jax/text_domains (and PROVENANCE.md)
+    migu-jax run --config experiments/configs/cpt_minilm.py
+
+Scale: 256 training documents per domain packed into blocks of 128 tokens (about 10-25 optimizer steps of 16
+blocks per domain), 64 held-out documents per domain, 300 BoolQ passages as the general corpus; end tasks
+with 16 records per label and 200 test records, one epoch. all-MiniLM-L6-v2 has no MLM head: a fresh one is
+initialised with its decoder tied to the word embedding (transformers' initialisation), so the initial row's
+perplexities are high and the first domain mostly trains the head. The matrix holds perplexities (lower is
+better); BWT and forgetting are perplexity increases.
+
+Not yet measured: on this project's 2-core machine under load, one SeqFT run of two domains at this scale
+took over 14 minutes and was stopped; no figure of this config is reported (experiments/RESULTS.md).
+"""
+
+from pathlib import Path
+
+from migu_jax.cl.runner import Config
+
+DOMAINS = Path("~/.cache/migu_jax/text_domains").expanduser()
+
+
+def get_config() -> Config:
+  return Config(
+      model="minilm",              # all-MiniLM-L6-v2 (BERT), masked LM with a fresh tied MLM head
+      objective="lm",
+      data_dir=str(DOMAINS),
+      order=("news/agnews", "encyclopedia/dbpedia", "reviews/products", "reviews/movies"),
+      general=str(DOMAINS / "general" / "boolq"),
+      end_tasks={"news/agnews": "TC/agnews-end", "encyclopedia/dbpedia": "TC/dbpedia-end",
+                 "reviews/products": "SC/products-end", "reviews/movies": "SC/movies-end"},
+      end_task_train_per_class=16,
+      end_task_max_test=200,
+      end_task_epochs=1,
+      methods=("seqft", "migu", "random"),
+      seeds=(0, 1),
+      ratio=0.7,
+      train_per_class=256,         # with objective="lm": training documents per domain
+      max_test=64,                 # held-out documents per domain (and of the general corpus)
+      max_length=128,              # block size
+      batch_size=16,
+      learning_rate=1e-4,
+      eval_batch_size=32,
+      checkpoint_every=10,
+      magnitude_batches=0,
+      output_dir="runs/cpt_minilm",
+  )
