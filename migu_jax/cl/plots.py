@@ -58,9 +58,10 @@ def plot_perplexity_matrix(run: dict, path: str | os.PathLike) -> Path:
   tasks = run["tasks"]
   values = np.array([run["initial"]] + run["matrix"], dtype=float)
   fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 2.5, 0.6 * len(values) + 1.8))
-  im = ax.imshow(values, cmap="viridis_r", norm=LogNorm(vmin=max(values.min(), 1.0), vmax=max(values.max(), 1.01)))
+  norm = LogNorm(vmin=max(values.min(), 1.0), vmax=max(values.max(), 1.01))
+  im = ax.imshow(values, cmap="viridis_r", norm=norm)
   for (i, j), v in np.ndenumerate(values):
-    ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="black", fontsize=8)
+    ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="white" if norm(v) > 0.6 else "black", fontsize=8)
   ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
   ax.set_yticks(range(len(values)), ["initial"] + [f"after {t}" for t in tasks])
   ax.set_xlabel("evaluated on")
