@@ -55,7 +55,7 @@ def text_data(tmp_path_factory):
   (root / "general").mkdir()
   (root / "general" / "test.txt").write_text(_docs(WORDS["a"] + WORDS["b"], 6, rng))
   tok = _tokenizer()
-  cfg = bert.Config.preset("tiny", vocab_size=len(tok), max_position_embeddings=32)
+  cfg = bert.Config.of_size("tiny", vocab_size=len(tok), max_position_embeddings=32)
   save_pretrained(bert.BertModel(cfg), bert.params.init_params(cfg), root / "bert", tokenizer=tok)
   return root
 

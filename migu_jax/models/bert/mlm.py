@@ -14,7 +14,7 @@ tied to the embedding; :func:`from_pretrained` says which happened.
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from migu_jax.models.bert import modeling
-  >>> cfg = modeling.Config.preset("tiny")
+  >>> cfg = modeling.Config.of_size("tiny")
   >>> model = BertForMaskedLM(cfg)
   >>> ids = jnp.ones((2, 5), jnp.int32)
   >>> params = model.init(jax.random.key(0), ids)["params"]
