@@ -16,7 +16,8 @@ perplexities are high and the first domain mostly trains the head. The matrix ho
 better); BWT and forgetting are perplexity increases.
 
 Not yet measured: on this project's 2-core machine under load, one SeqFT run of two domains at this scale
-took over 14 minutes and was stopped; no figure of this config is reported (experiments/RESULTS.md).
+took over 14 minutes and was stopped; no figure of this config is reported. A smaller two-domain smoke run of
+the same pipeline is in experiments/RESULTS.md (A4).
 """
 
 from pathlib import Path

@@ -157,7 +157,8 @@ def comparison_table(comp: dict) -> str:
   """Markdown table: one row per method, AA / BWT / FWT / forgetting in percent (mean ± std over seeds); for
   text domains the perplexity metrics (:data:`migu_jax.cl.perplexity.PERPLEXITY_METRICS`) as they are."""
   perplexity = any("average_perplexity" in row for row in comp.values())
-  columns = PERPLEXITY_METRICS + END_TASK_METRICS if perplexity else METRICS
+  ends = any(row.get(k) is not None for row in comp.values() for k, _ in END_TASK_METRICS)
+  columns = (PERPLEXITY_METRICS + (END_TASK_METRICS if ends else ())) if perplexity else METRICS
   lines = ["| method | " + " | ".join(name for _, name in columns) + " | seeds |",
            "|---|" + "---:|" * len(columns) + "---|"]
   for method, row in comp.items():
