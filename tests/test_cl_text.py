@@ -54,6 +54,11 @@ def test_bad_names_and_folders(tmp_path):
     text.load_domain(tmp_path, "g/missing")
   with pytest.raises(DataError, match="General corpus"):
     text.load_corpus(tmp_path / "nowhere")
+  from migu_jax.cl import runner
+  with pytest.raises(ValueError, match="needs objective='lm'"):
+    runner.Config(general=str(tmp_path))
+  with pytest.raises(ValueError, match="objective='lm' is evaluated by perplexity"):
+    runner.Config(objective="lm", also_eval=("options",))
 
 
 def test_pack_keeps_every_token_in_order():

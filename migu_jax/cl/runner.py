@@ -228,6 +228,9 @@ class Config:
     if self.objective == "lm" and (self.also_eval or self.tune_rates or self.eval_split != "test"):
       raise ValueError("Config.objective='lm' is evaluated by perplexity on each domain's test documents: "
                        "also_eval, tune_rates and eval_split='dev' do not apply; leave them at their defaults.")
+    if self.general and self.objective != "lm":
+      raise ValueError(f"Config.general={self.general!r} (a general corpus' perplexity) needs objective='lm' "
+                       "(--objective lm).")
     if self.end_tasks:
       self.end_tasks = {str(k): str(v) for k, v in dict(self.end_tasks).items()}
       unknown = sorted(set(self.end_tasks) - set(resolve_order(self.order)))
@@ -442,8 +445,9 @@ Callback = Callable[[str, dict], None]
 
 
 _CACHE: dict[tuple, Any] = {}
-_HEAD_KEYS = ("model", "objective", "mlm_probability", "head", "eval_mode", "order", "max_length", "length_buckets", "temperature",
-              "learn_temperature", "eval_batch_size", "max_new_tokens", "padding", "pad_multiple", "copa_prompt")
+_HEAD_KEYS = ("model", "objective", "mlm_probability", "head", "eval_mode", "order", "max_length", "length_buckets",
+              "temperature", "learn_temperature", "eval_batch_size", "max_new_tokens", "padding", "pad_multiple",
+              "copa_prompt")
 
 
 def _cached(key: tuple, build: Callable[[], Any]):
@@ -735,7 +739,8 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
       cb("task_done", {"task": t, "row": meta["rows"][-1]})
 
   if cfg.objective == "lm" and cfg.end_tasks and "end_tasks" not in meta:
-    meta["end_tasks"] = run_end_tasks(cfg, placed.fetch(params)["model"], seed, [t.name for t in tasks])
+    final = methods_lib.eval_params(method, cfg, placed.fetch(params))["model"]  # LoRA merged
+    meta["end_tasks"] = run_end_tasks(cfg, final, seed, [t.name for t in tasks])
   meta["params_sha256"] = params_digest(placed.fetch(params))
   result = report_lib.run_result(method_name, seed, tasks, meta, head.eval_mode)
   if is_writer():
@@ -813,8 +818,8 @@ def _initial_accuracies(cfg: Config, seed: int, head, params, tasks, mode: str |
   """The initial model's accuracies, shared by the runs of one output folder that start from the same model
   and test sets (every method: LoRA starts with B = 0, and the head's temperature does not change argmax)."""
   values = {k: v for k, v in _identity(cfg, "", seed).items()
-            if k in ("model", "objective", "mlm_probability", "head", "eval_mode", "data_dir", "order", "max_test", "max_length",
-                     "length_buckets", "eval_batch_size", "max_new_tokens", "seed", "train_per_class",
+            if k in ("model", "objective", "mlm_probability", "head", "eval_mode", "data_dir", "order", "max_test",
+                     "max_length", "length_buckets", "eval_batch_size", "max_new_tokens", "seed", "train_per_class",
                      "eval_split", "dev_per_class", "copa_prompt")}
   if mode is not None and mode != cfg.eval_mode:
     values["eval_mode"] = mode

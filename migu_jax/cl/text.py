@@ -242,5 +242,5 @@ def domain_from_hub(out: str | Path, name: str, dataset: str, *, text_column: st
   return folder
 
 
-__all__ = ["SPLIT_FILES", "TextDomain", "domain_from_hub", "is_text_domain", "load_corpus", "load_domain", "pack", "pack_domain",
-           "read_documents", "split_file", "split_name"]
+__all__ = ["SPLIT_FILES", "TextDomain", "domain_from_hub", "is_text_domain", "load_corpus", "load_domain", "pack",
+           "pack_domain", "read_documents", "split_file", "split_name"]

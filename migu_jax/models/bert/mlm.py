@@ -135,7 +135,8 @@ def head_from_hf(state_dict: dict, cfg: modeling.Config, *, tie_word_embeddings:
   """The ``mlm_head`` params from a HF state dict, or None when it holds no MLM head.
 
   A tied checkpoint's decoder weight (a copy of the word embedding, if saved) is skipped; the decoder's
-  own bias, when saved, is the one its logits add (transformers' forward), else the head's ``bias``. Raises ``CheckpointError`` listing every missing or mis-shaped tensor.
+  own bias, when saved, is the one its logits add (transformers' forward), else the head's ``bias``.
+  Raises ``CheckpointError`` listing every missing or mis-shaped tensor.
   """
   prefix = _HEAD_PREFIX[cfg.model_type]
   head = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
