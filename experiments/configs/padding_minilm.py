@@ -5,6 +5,11 @@ exact count (top-k) against the quantile threshold.
 Command: ``.venv/bin/python experiments/reproduce.py padding``. Measured (2026-12-01, AA mean ± std over
 seeds 0-2): padding-aware 65.2 ± 0.6, exact top-k 64.8 ± 0.6, the reference (quantile, padding counted)
 65.0 ± 1.1. Results: experiments/RESULTS.md.
+
+One variant alone, the same Config that ``reproduce.py`` runs, into the same folder::
+
+    migu-jax run --config experiments/configs/padding_minilm.py:padding_aware --output runs/repro/padding/padding_aware
+    migu-jax run --config experiments/configs/padding_minilm.py:top_k --output runs/repro/padding/top_k
 """
 
 from cpu_scale import cpu_scale

@@ -14,6 +14,12 @@ of each earlier task's training records in (the paper's setting). Measured (2026
 AA mean over seeds 0-2, orders 1 / 2 / 3): SeqFT 52.7 / 60.2 / 56.3, MIGU 65.0 / 65.5 / 64.8, random
 64.3 / 62.2 / 64.2, replay 50.3 / 61.2 / 58.7, MIGU+replay 64.7 / 61.2 / 64.0, LoRA 64.3 / 62.0 / 64.3,
 MIGU+LoRA 64.0 / 62.3 / 60.0; 45-85 s per run. Results: experiments/RESULTS.md.
+
+One variant alone, the same Config that ``reproduce.py`` runs, into the same folder (other orders:
+``reproduce.py``, which passes ``order`` to ``get_configs``)::
+
+    migu-jax run --config experiments/configs/standard_minilm.py:full --output runs/repro/standard_order1/full
+    migu-jax run --config experiments/configs/standard_minilm.py:lora --output runs/repro/standard_order1/lora
 """
 
 from cpu_scale import cpu_scale

@@ -7,6 +7,11 @@ Command (on a machine with a GPU)::
     .venv/bin/python experiments/reproduce.py smollm2_order1
 
 Not yet run: no GPU was lent when this file was written (experiments/RESULTS.md says so).
+
+One variant alone, the same Config that ``reproduce.py`` runs, into the same folder (other orders:
+``reproduce.py``, which passes ``order`` to ``get_configs``)::
+
+    migu-jax run --config experiments/configs/standard_smollm2.py:full --output runs/repro/smollm2_order1/full
 """
 
 from cpu_scale import cpu_scale

@@ -6,6 +6,11 @@ Command: ``.venv/bin/python experiments/reproduce.py table11`` (FT and MIGU are 
 runs). Measured (2026-12-01, AA mean ± std over seeds 0-2): gradient 62.7 ± 1.7, weight 65.5 ± 1.6,
 Fisher 65.8 ± 3.0, MIGU 65.0 ± 1.1, FT 52.7 ± 3.1; MIGU with the L1-mass rule 62.5 ± 2.5.
 Results: experiments/RESULTS.md.
+
+One variant alone, the same Config that ``reproduce.py`` runs, into the same folder::
+
+    migu-jax run --config experiments/configs/table11_minilm.py:importance --output runs/repro/table11/importance
+    migu-jax run --config experiments/configs/table11_minilm.py:l1_mass --output runs/repro/table11/l1_mass
 """
 
 from cpu_scale import cpu_scale
