@@ -114,8 +114,11 @@ class Config:
   data axis), ``data_axis`` and ``model_axis`` (the mesh's axis names). On a mesh the global batch of
   ``batch_size`` rows is split over the data axis, each process feeding rows ``process_index::process_count``
   of every batch; the state is replicated, or with a model axis split along each leaf's last axis that
-  divides by its size (see :func:`shard_spec`). These settings change where the same computation runs, not
-  what it computes: a run may resume on another mode or mesh.
+  divides by its size (see :func:`shard_spec`). ``sharding``: ``"replicated"`` (as just said) or ``"fsdp"``
+  (mesh mode: parameters, gradients, optimizer state and MIGU's statistics split by the model family's
+  rules, ``embed`` over the data axis and ``vocab``/``mlp``/``heads`` over the model axis; see
+  :mod:`migu_jax.sharding`). These settings change where the same computation runs, not what it computes: a
+  run may resume on another mode, mesh or sharding.
   """
 
   model: str = "minilm"
@@ -177,6 +180,7 @@ class Config:
   mesh_shape: tuple[int, ...] | None = None
   data_axis: str = "data"
   model_axis: str = "model"
+  sharding: str = "replicated"
 
   def __post_init__(self):
     for name in ("methods", "seeds", "length_buckets", "lora_targets", "mask_targets", "tune_rates", "also_eval"):
@@ -222,6 +226,10 @@ class Config:
       if self.mode != "mesh" or not 1 <= len(self.mesh_shape) <= 2:
         raise ValueError(f"Config.mesh_shape={self.mesh_shape!r} needs mode='mesh' and one or two axes: "
                          f"(data,) or (data, model), e.g. (-1, 2).")
+    if self.sharding not in ("replicated", "fsdp"):
+      raise ValueError(f"Config.sharding={self.sharding!r}; expected 'replicated' or 'fsdp'.")
+    if self.sharding == "fsdp" and self.mode != "mesh":
+      raise ValueError("Config.sharding='fsdp' shards the state over a mesh; set mode='mesh' too.")
 
   @classmethod
   def from_dict(cls, values: dict) -> "Config":
@@ -249,7 +257,7 @@ class Config:
 
 # Settings a resumed run must share with the checkpoint it resumes (the rest only affect bookkeeping).
 _RUN_ONLY = ("output_dir", "progress", "methods", "seeds", "checkpoint_every", "keep_checkpoints",
-             "magnitude_batches", "mode", "mesh_shape", "data_axis", "model_axis", "tune_rates", "tune_seed",
+             "magnitude_batches", "mode", "mesh_shape", "data_axis", "model_axis", "sharding", "tune_rates", "tune_seed",
              "tune_keep_fixed")
 
 
@@ -452,8 +460,19 @@ class Placement:
   local_rows: Callable[[dict], dict]
 
 
-def _placement(cfg: Config, step: migu.TrainStep) -> Placement:
-  """Where ``step`` (of ``cfg``'s mode) wants the state; on a mesh, sharded by :func:`shard_spec`."""
+def state_specs(cfg: Config, model, mesh: jax.sharding.Mesh) -> Callable[[Any], Any] | None:
+  """``tree -> PartitionSpec per leaf`` of ``cfg.sharding="fsdp"``: the rules of ``model``'s family
+  (:func:`migu_jax.models.param_axes`) on ``mesh``; None for ``"replicated"``."""
+  if cfg.sharding != "fsdp":
+    return None
+  from migu_jax.models import param_axes
+  return migu.sharding.specs_by_rules(param_axes(model.config.model_type), mesh, "fsdp",
+                                      data_axis=cfg.data_axis, model_axis=cfg.model_axis)
+
+
+def _placement(cfg: Config, step: migu.TrainStep, specs: Callable[[Any], Any] | None = None) -> Placement:
+  """Where ``step`` (of ``cfg``'s mode) wants the state; on a mesh, sharded by ``specs`` (see
+  :func:`state_specs`), else by :func:`shard_spec`."""
   if cfg.mode != "mesh":
     return Placement(step.place_state, step.fetch, lambda tree: tree, lambda batch: batch)
   from jax.experimental import multihost_utils
@@ -463,6 +482,9 @@ def _placement(cfg: Config, step: migu.TrainStep) -> Placement:
   model_size = dict(zip(mesh.axis_names, mesh.devices.shape)).get(cfg.model_axis, 1)
 
   def place(tree):
+    if specs is not None:
+      return migu.sharding.place(jax.tree.map(lambda x: jnp.array(x, copy=True), tree), mesh, specs(tree))
+
     def leaf(x):
       spec = shard_spec(np.shape(x), model_size, cfg.model_axis)
       return jax.device_put(jnp.array(x, copy=True), jax.sharding.NamedSharding(mesh, spec))
@@ -502,7 +524,7 @@ def _step_and_placement(cfg: Config, method: methods_lib.Method, seed: int, head
   # so the other methods' seeds share one compiled step.
   step_seed = seed if method.mask == "random" else None
   key = ("step", id(head), json.dumps(_identity(cfg, method.name, step_seed), sort_keys=True, default=str),
-         cfg.mode, cfg.mesh_shape, cfg.data_axis, cfg.model_axis)
+         cfg.mode, cfg.mesh_shape, cfg.data_axis, cfg.model_axis, cfg.sharding)
 
   def build():
     tx = methods_lib.make_optimizer(method, cfg, seed)
@@ -518,9 +540,10 @@ def _step_and_placement(cfg: Config, method: methods_lib.Method, seed: int, head
         raise ValueError(f"Config.batch_size={cfg.batch_size} does not split over the mesh's {data_size} data "
                          f"shards x micro_batches={cfg.micro_batches}; use a multiple of "
                          f"{data_size * cfg.micro_batches}.")
+    specs = state_specs(cfg, head.model, mesh) if mesh is not None else None
     step = migu.make_train_step(loss_fn, tx, micro_batches=cfg.micro_batches, mode=cfg.mode, mesh=mesh,
-                                data_axis=cfg.data_axis)
-    return tx, step, _placement(cfg, step)
+                                data_axis=cfg.data_axis, state_specs=specs)
+    return tx, step, _placement(cfg, step, specs)
 
   return _cached(key, build)
 
@@ -804,4 +827,4 @@ def _run_all(cfg: Config, callbacks: Sequence[Callback], plots: bool, start: flo
 
 __all__ = ["Config", "DataError", "Placement", "capture_magnitudes", "data_dir", "evaluate", "evaluate_checkpoint",
            "is_writer", "load_model", "load_tasks", "make_mesh", "params_digest", "run_experiment", "run_folder",
-           "run_sequence", "shard_spec"]
+           "run_sequence", "shard_spec", "state_specs"]
