@@ -105,6 +105,12 @@ class Config:
   ``reset_optimizer`` (a fresh optimizer state at every task, as the reference; False carries the
   moments and step count over).
 
+  Precision: ``dtype`` (the models' compute dtype: ``"float32"``, or ``"bfloat16"`` on TPUs),
+  ``param_dtype`` (the stored parameters, hence gradients and AdamW moments: ``"float32"`` by default, also
+  under bfloat16 compute), ``remat`` (recompute each layer in the backward pass: less activation memory,
+  the same results). MIGU's statistics are float32 whatever the compute dtype
+  (:func:`migu_jax.sum_abs`).
+
   Run: ``output_dir``, ``checkpoint_every`` (steps), ``keep_checkpoints``, ``magnitude_batches`` (batches
   per task whose magnitudes are kept for the plots), ``progress`` (tqdm bars).
 
@@ -181,6 +187,9 @@ class Config:
   data_axis: str = "data"
   model_axis: str = "model"
   sharding: str = "replicated"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
 
   def __post_init__(self):
     for name in ("methods", "seeds", "length_buckets", "lora_targets", "mask_targets", "tune_rates", "also_eval"):
@@ -226,6 +235,9 @@ class Config:
       if self.mode != "mesh" or not 1 <= len(self.mesh_shape) <= 2:
         raise ValueError(f"Config.mesh_shape={self.mesh_shape!r} needs mode='mesh' and one or two axes: "
                          f"(data,) or (data, model), e.g. (-1, 2).")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"Config.{name}={getattr(self, name)!r}; expected one of {sorted(DTYPES)}.")
     if self.sharding not in ("replicated", "fsdp"):
       raise ValueError(f"Config.sharding={self.sharding!r}; expected 'replicated' or 'fsdp'.")
     if self.sharding == "fsdp" and self.mode != "mesh":
@@ -255,9 +267,12 @@ class Config:
                                 max_new_tokens=self.max_new_tokens)
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+"""The names ``Config.dtype`` and ``Config.param_dtype`` take."""
+
 # Settings a resumed run must share with the checkpoint it resumes (the rest only affect bookkeeping).
 _RUN_ONLY = ("output_dir", "progress", "methods", "seeds", "checkpoint_every", "keep_checkpoints",
-             "magnitude_batches", "mode", "mesh_shape", "data_axis", "model_axis", "sharding", "tune_rates", "tune_seed",
+             "magnitude_batches", "mode", "mesh_shape", "data_axis", "model_axis", "sharding", "remat", "tune_rates", "tune_seed",
              "tune_keep_fixed")
 
 
@@ -300,10 +315,28 @@ def load_tasks(cfg: Config, seed: int) -> list[Task]:
 
 
 @functools.lru_cache(maxsize=2)
-def load_model(spec: str):
-  """``(model, params, tokenizer)`` of a preset, local folder or hub id (cached: runs share it)."""
+def load_model(spec: str, dtype: str = "float32", remat: bool = False):
+  """``(model, params, tokenizer)`` of a preset, local folder or hub id (cached: runs share it); the model
+  computes in ``dtype`` (a name of :data:`DTYPES`), with ``remat`` recomputing its layers in the backward
+  pass; the parameters are float32."""
   from migu_jax.models import from_pretrained
-  return from_pretrained(spec)
+  return from_pretrained(spec, dtype=DTYPES[dtype], remat=remat)
+
+
+def run_model(cfg: Config):
+  """:func:`load_model` with the run's precision settings (``cfg.dtype``, ``cfg.remat``)."""
+  return load_model(cfg.model, cfg.dtype, cfg.remat)
+
+
+def cast_floats(tree, dtype: str):
+  """The floating-point leaves of ``tree`` in ``dtype`` (a name of :data:`DTYPES`); other leaves as they are.
+
+  Example:
+    >>> cast_floats({"w": np.ones(2, np.float32), "step": np.int32(3)}, "bfloat16")["w"].dtype
+    dtype(bfloat16)
+  """
+  target = DTYPES[dtype]
+  return jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,7 +429,7 @@ Callback = Callable[[str, dict], None]
 
 _CACHE: dict[tuple, Any] = {}
 _HEAD_KEYS = ("model", "head", "eval_mode", "order", "max_length", "length_buckets", "temperature",
-              "learn_temperature", "eval_batch_size", "max_new_tokens", "padding", "pad_multiple", "copa_prompt")
+              "learn_temperature", "eval_batch_size", "max_new_tokens", "padding", "pad_multiple", "copa_prompt", "dtype", "remat")
 
 
 def _cached(key: tuple, build: Callable[[], Any]):
@@ -413,7 +446,7 @@ def _head(cfg: Config, tasks: Sequence[Task]) -> heads_lib.Head:
   key = ("head",) + tuple(json.dumps(_json_ready(getattr(cfg, k))) for k in _HEAD_KEYS)
 
   def build():
-    model, _, tokenizer = load_model(cfg.model)
+    model, _, tokenizer = run_model(cfg)
     return heads_lib.make_head(cfg.head, model, tokenizer, tasks, cfg.head_config())
 
   return _cached(key, build)
@@ -592,14 +625,15 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
   identity = _identity(cfg, method_name, seed)
 
   tasks = load_tasks(cfg, seed)
-  model, model_params, _ = load_model(cfg.model)
+  model, model_params, _ = run_model(cfg)
   head = _head(cfg, tasks)
   warning = heads_lib.rate_warning(head, cfg.schedule, cfg.learning_rate)
   if warning and is_writer():
     warnings.warn(f"{method_name} seed {seed}: {warning}", stacklevel=2)
   key = jax.random.key(seed)
   head_key, lora_key = jax.random.split(jax.random.fold_in(key, 1))
-  params = methods_lib.init_params(method, cfg, model_params, head.init(head_key), lora_key)
+  params = cast_floats(methods_lib.init_params(method, cfg, model_params, head.init(head_key), lora_key),
+                       cfg.param_dtype)
   tx, step_fn, placed = _step_and_placement(cfg, method, seed, head)
   params = placed.place(params)
   opt_state = placed.place(methods_lib.start_task(method, cfg, tx, params, 0))
@@ -768,12 +802,13 @@ def evaluate_checkpoint(run_dir: str | os.PathLike, *, order=None, max_test: int
   cfg = Config.from_dict({**identity, "methods": (method_name,), "seeds": (seed,), "progress": progress,
                           "output_dir": str(run_dir.parent.parent)})
   method = methods_lib.get_method(method_name)
-  _, model_params, _ = load_model(cfg.model)
+  _, model_params, _ = run_model(cfg)
   train_tasks = load_tasks(cfg, seed)
   train_head = _head(cfg, train_tasks)
   key = jax.random.key(seed)
   head_key, lora_key = jax.random.split(jax.random.fold_in(key, 1))
-  like = methods_lib.init_params(method, cfg, model_params, train_head.init(head_key), lora_key)
+  like = cast_floats(methods_lib.init_params(method, cfg, model_params, train_head.init(head_key), lora_key),
+                     cfg.param_dtype)
   tx = methods_lib.make_optimizer(method, cfg, seed)
   with ckpt_lib.RunCheckpoints(run_dir / "checkpoints") as checkpoints:
     restored = checkpoints.restore({"params": like, "opt_state": tx.init(like), "key": key})
@@ -825,6 +860,6 @@ def _run_all(cfg: Config, callbacks: Sequence[Callback], plots: bool, start: flo
   return results
 
 
-__all__ = ["Config", "DataError", "Placement", "capture_magnitudes", "data_dir", "evaluate", "evaluate_checkpoint",
-           "is_writer", "load_model", "load_tasks", "make_mesh", "params_digest", "run_experiment", "run_folder",
-           "run_sequence", "shard_spec", "state_specs"]
+__all__ = ["Config", "DTYPES", "DataError", "Placement", "capture_magnitudes", "data_dir", "evaluate", "evaluate_checkpoint",
+           "cast_floats", "is_writer", "load_model", "load_tasks", "make_mesh", "params_digest", "run_experiment", "run_folder",
+           "run_model", "run_sequence", "shard_spec", "state_specs"]
