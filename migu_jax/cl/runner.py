@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 import time
@@ -45,6 +46,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
 import migu_jax as migu
@@ -54,6 +56,7 @@ from migu_jax.cl import faults
 from migu_jax.cl import heads as heads_lib
 from migu_jax.cl import methods as methods_lib
 from migu_jax.cl import report as report_lib
+from migu_jax.cl import storage
 from migu_jax.cl import tune as tune_lib
 from migu_jax.cl.data import DataError, Task, load_task, resolve_order
 from migu_jax.cl.locate import resolve_data_dir
@@ -412,10 +415,10 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+def _save_npz(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  atomic.write_bytes(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -589,8 +592,9 @@ def params_digest(params) -> str:
   return h.hexdigest()
 
 
-def run_folder(cfg: Config, method: str, seed: int) -> Path:
-  return Path(cfg.output_dir) / method / f"seed_{seed}"
+def run_folder(cfg: Config, method: str, seed: int) -> epath.Path:
+  """``<output_dir>/<method>/seed_<seed>``, local or remote (see :mod:`migu_jax.cl.storage`)."""
+  return storage.output_path(cfg.output_dir) / method / f"seed_{seed}"
 
 
 def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequence[Callback] = ()) -> dict:
@@ -662,7 +666,7 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
 
   if meta["initial"] is None:
     plain = methods_lib.eval_params(method, cfg, placed.for_eval(params))
-    initial_mags = Path(cfg.output_dir) / "magnitudes_initial.npz"
+    initial_mags = storage.output_path(cfg.output_dir) / "magnitudes_initial.npz"
     # The paper's Figure 1: the same for every method.
     if cfg.magnitude_batches and is_writer() and not initial_mags.exists():
       _save_npz(initial_mags, {f"{j}:{name}": v for j, t in enumerate(tasks) for name, v in capture_magnitudes(
@@ -772,7 +776,7 @@ def _initial_accuracies(cfg: Config, seed: int, head, params, tasks, mode: str |
                      "eval_split", "dev_per_class", "copa_prompt")}
   if mode is not None and mode != cfg.eval_mode:
     values["eval_mode"] = mode
-  path = Path(cfg.output_dir) / "initial" / f"{_fingerprint(values)}.json"
+  path = storage.output_path(cfg.output_dir) / "initial" / f"{_fingerprint(values)}.json"
   if path.exists():
     return json.loads(path.read_text())["accuracies"]
   row = evaluate(head, params, tasks, cfg=cfg, desc="eval initial model", mode=mode)
@@ -794,7 +798,7 @@ def evaluate_checkpoint(run_dir: str | os.PathLike, *, order=None, max_test: int
   Returns:
     ``{"run_dir", "method", "seed", "checkpoint": {"task", "step"}, "tasks", "accuracies", "eval_mode"}``.
   """
-  run_dir = Path(run_dir)
+  run_dir = storage.output_path(run_dir)
   if not (run_dir / "config.json").is_file():
     raise FileNotFoundError(f"{run_dir} has no config.json: pass a run folder such as <output>/migu/seed_0.")
   identity = json.loads((run_dir / "config.json").read_text())
@@ -831,7 +835,7 @@ def evaluate_checkpoint(run_dir: str | os.PathLike, *, order=None, max_test: int
 def run_experiment(cfg: Config, *, callbacks: Sequence[Callback] = (), plots: bool = True) -> dict:
   """Runs every method and seed of ``cfg`` (resuming each), then writes ``results.json``, ``results.md``
   and the plots to ``cfg.output_dir``. Returns the combined results."""
-  out = Path(cfg.output_dir)
+  out = storage.output_path(cfg.output_dir)
   out.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   with faults.output_lock(out), faults.stop_signals():  # held across every run, results and plots
@@ -840,7 +844,7 @@ def run_experiment(cfg: Config, *, callbacks: Sequence[Callback] = (), plots: bo
 
 def _run_all(cfg: Config, callbacks: Sequence[Callback], plots: bool, start: float) -> dict:
   """The body of :func:`run_experiment`, holding the output folder."""
-  out = Path(cfg.output_dir)
+  out = storage.output_path(cfg.output_dir)
   tuning = None
   if cfg.tune_rates:  # each method's learning rate chosen on dev first, then the real runs
     tuning = tune_lib.choose_rates(cfg, functools.partial(run_experiment, callbacks=callbacks, plots=False))
