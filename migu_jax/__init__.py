@@ -13,6 +13,7 @@ whose activations have the largest L1 magnitude on the current batch::
 from migu_jax import importance
 from migu_jax import lora
 from migu_jax import nnx
+from migu_jax import sharding
 from migu_jax.magnitudes import COLLECTION
 from migu_jax.magnitudes import LINEAR_MODULES
 from migu_jax.magnitudes import apply_with_magnitudes
@@ -55,6 +56,7 @@ __all__ = (
     "importance",
     "lora",
     "nnx",
+    "sharding",
     "magnitude_paths",
     "make_train_step",
     "mask_by_importance",

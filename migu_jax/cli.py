@@ -33,6 +33,7 @@ _FLAGS = {
     "batch_size": "batch_size", "micro_batches": "micro_batches", "train_per_class": "train_per_class",
     "max_test": "max_test", "epochs": "epochs", "max_length": "max_length", "output": "output_dir",
     "checkpoint_every": "checkpoint_every", "mode": "mode", "mesh_shape": "mesh_shape",
+    "sharding": "sharding", "dtype": "dtype", "param_dtype": "param_dtype", "remat": "remat",
 }
 
 
@@ -230,6 +231,12 @@ def parser() -> argparse.ArgumentParser:
   run.add_argument("--mode", choices=("jit", "mesh"), help="train step: jit (one device, default) or mesh (every "
                                                           "device of every process, e.g. a TPU pod slice)")
   run.add_argument("--mesh-shape", help="mesh mode: data[,model] devices, one may be -1 (default: all on data)")
+  run.add_argument("--sharding", choices=("replicated", "fsdp"), help="mesh mode: the state replicated, or split "
+                   "by the model family's rules (fsdp: embed over data, mlp/heads/vocab over model)")
+  run.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default float32)")
+  run.add_argument("--param-dtype", choices=("float32", "bfloat16"), help="parameter and optimizer-state dtype "
+                   "(default float32, also under bfloat16 compute)")
+  run.add_argument("--remat", action="store_true", default=None, help="recompute layers in the backward pass")
   run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other Config field")
   run.add_argument("--no-progress", action="store_true", help="no progress bars")
   run.add_argument("--no-plots", action="store_true")

@@ -12,6 +12,11 @@ whole batch) and magnitudes are summed (the statistic of the whole batch), so
 ``pmap`` both are averaged across replicas (``lax.pmean``), so every replica
 applies the same mask; on a mesh the step sees the global batch, and the sum is
 global by construction.
+
+On a mesh the state is replicated, or with ``state_specs`` (e.g.
+:func:`migu_jax.sharding.specs_by_rules`: FSDP) sharded: parameters, gradients,
+optimizer state and MIGU's statistics are each held to their specs inside the
+step, so the layout stays the same from step to step (one compilation).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import numpy as np
 import optax
 from flax import jax_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from migu_jax import sharding
 
 LossFn = Callable[[Any, Any], tuple[jax.Array, Any]]
 
@@ -95,6 +102,7 @@ def make_train_step(
     mesh: Mesh | None = None,
     data_axis: str = "data",
     donate: bool = True,
+    state_specs: Callable[[Any], Any] | None = None,
 ) -> TrainStep:
   """Builds a train step for ``loss_fn(params, batch) -> (loss, magnitudes)``.
 
@@ -113,6 +121,11 @@ def make_train_step(
     mesh: for ``mode="mesh"``; default: all devices on one ``data_axis``.
     data_axis: name of the data-parallel axis (pmap axis name or mesh axis).
     donate: donate the parameter and optimizer-state buffers to the step.
+    state_specs: for ``mode="mesh"``: ``tree -> PartitionSpec per leaf`` for
+      the parameters, gradients, optimizer state and magnitudes (statistics
+      shaped like their kernels' trailing axes), e.g.
+      ``migu.sharding.specs_by_rules(rules, mesh)``; ``place_state`` puts the
+      state there. None: replicated on every device.
 
   Returns:
     A :class:`TrainStep`.
@@ -136,12 +149,21 @@ def make_train_step(
   tx = optax.with_extra_args_support(tx)
   donate_argnums = (0, 1) if donate else ()
 
+  if state_specs is not None and mode != "mesh":
+    raise ValueError(f"make_train_step: state_specs shard a mesh's state; use mode='mesh' (got {mode!r}).")
+
+  def hold(tree):  # to the state's specs on the mesh (identity without state_specs)
+    if state_specs is None:
+      return tree
+    return sharding.constrain(tree, mesh, state_specs(tree))
+
   def train_step(params, opt_state, batch, *, reduce_replicas=None):
     (loss, magnitudes), grads = accumulate_gradients(loss_fn, params, batch, micro_batches)
     if reduce_replicas is not None:
       loss, magnitudes, grads = reduce_replicas((loss, magnitudes, grads))
+    grads, magnitudes = hold(grads), hold(magnitudes)
     updates, opt_state = tx.update(grads, opt_state, params, magnitudes=magnitudes)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return hold(optax.apply_updates(params, updates)), hold(opt_state), loss
 
   def copy(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
@@ -195,7 +217,9 @@ def make_train_step(
       return jax.tree.map(place_leaf, batch)
 
     def place_state(tree):
-      return jax.device_put(copy(tree), replicated)
+      if state_specs is None:
+        return jax.device_put(copy(tree), replicated)
+      return sharding.place(copy(tree), mesh, state_specs(tree))
 
     def fetch(tree):
       return jax.tree.map(np.asarray, tree)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from migu_jax import magnitudes, masking, train_step
+from migu_jax import magnitudes, masking, sharding, train_step
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -27,7 +27,7 @@ def test_readme_names_the_commands_ci_runs():
   assert test_command and test_command.group(1).strip() in ci
 
 
-@pytest.mark.parametrize("module", [magnitudes, masking, train_step], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [magnitudes, masking, sharding, train_step], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0

@@ -237,6 +237,25 @@ def test_model_axis_shards_kernels_and_matches(tiny_models, tmp_path, reference)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(placed.fetch(params)), jax.tree.leaves(tree)))
 
 
+def test_fsdp_sharding_by_the_family_rules_matches(tiny_models, tmp_path, reference):  # noqa: F811
+  # Config.sharding="fsdp" on a (4, 2) mesh: BERT's rules split embed over data and heads/mlp over model.
+  import jax
+
+  from migu_jax.cl import methods, runner
+
+  cfg = _config(tiny_models, tmp_path, mode="mesh", mesh_shape=(4, 2), sharding="fsdp", magnitude_batches=0)
+  _same_run(runner.run_sequence(cfg, "migu", 0), reference)
+  head = runner._head(cfg, runner.load_tasks(cfg, 0))
+  _, step = runner._train_step(cfg, methods.get_method("migu"), 0, head)
+  assert step.compiled._cache_size() == 1
+  placed = runner._placement(cfg, step, runner.state_specs(cfg, head.model, runner.make_mesh(cfg)))
+  kernel = placed.place({"model": {"layers_0": {"intermediate": {"kernel": np.ones((32, 64), np.float32)}}}})
+  assert kernel["model"]["layers_0"]["intermediate"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
+      "data", "model")
+  with pytest.raises(ValueError, match="set mode='mesh' too"):
+    _config(tiny_models, tmp_path, sharding="fsdp")
+
+
 def test_resume_a_jit_run_on_a_mesh(tiny_models, tmp_path, reference):  # noqa: F811
   from migu_jax.cl import runner
 

@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
+import pathlib
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from migu_jax.cl import storage
 from migu_jax.cl.faults import FaultWarning
 
 
@@ -94,16 +95,16 @@ class _Damaged(Exception):
   """One checkpoint failed to read (internal: restore walks back past it)."""
 
 
-def _remove_settled(folder: Path, patience: float = 10.0) -> None:
+def _remove_settled(folder: epath.Path, patience: float = 10.0) -> None:
   """Removes ``folder`` once its contents stop changing (at most ``patience`` seconds).
 
   When one item of a save fails, the other items' writes (tensorstore threads) can go on for a moment and
   recreate folders under a temporary checkpoint folder; removing it while they do fails (ENOTEMPTY).
   """
   seen, deadline = None, time.monotonic() + patience
-  while time.monotonic() < deadline:
+  while storage.is_local(folder) and time.monotonic() < deadline:  # a remote folder: no local writer threads
     try:
-      now = sorted((str(p), p.stat().st_size) for p in folder.rglob("*"))
+      now = sorted((str(p), p.stat().st_size) for p in pathlib.Path(folder).rglob("*"))
     except OSError:  # changed while listed
       now = None
     if now is not None and now == seen:
@@ -111,7 +112,10 @@ def _remove_settled(folder: Path, patience: float = 10.0) -> None:
     seen = now
     time.sleep(0.3)
   for _ in range(3):
-    shutil.rmtree(folder, ignore_errors=True)
+    try:
+      folder.rmtree(missing_ok=True)
+    except OSError:
+      pass
     if not folder.exists():
       return
     time.sleep(0.3)
@@ -127,7 +131,7 @@ class RunCheckpoints:
   """
 
   def __init__(self, folder: str | os.PathLike, keep: int = 2):
-    self.folder = Path(folder).absolute()
+    self.folder = storage.output_path(folder)
     # Unfinished saves' temporary folders (a killed or failed save) are removed here, not by orbax's
     # background cleanup: that thread races a save started right after it, or a failed save's late writes.
     for stale in sorted(self.folder.glob("*.orbax-checkpoint-tmp*")) if jax.process_index() == 0 else ():
@@ -219,7 +223,7 @@ class RunCheckpoints:
       raise _Damaged(f"{type(e).__name__}: {str(e)[:200]}") from e
     return state, meta
 
-  def _set_aside(self, number: int) -> Path:
+  def _set_aside(self, number: int) -> epath.Path:
     """Moves damaged checkpoint ``number`` to ``damaged_checkpoints/`` (process 0; every process waits)."""
     aside = self.folder.parent / "damaged_checkpoints" / str(number)
     if jax.process_index() == 0:
@@ -227,7 +231,7 @@ class RunCheckpoints:
       suffix = 1
       while aside.exists():
         aside, suffix = aside.with_name(f"{number}.{suffix}"), suffix + 1
-      os.replace(self.folder / str(number), aside)
+      (self.folder / str(number)).rename(aside)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 

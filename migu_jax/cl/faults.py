@@ -43,7 +43,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from migu_jax.cl import storage
+
 LOCK_NAME = ".migu-jax.lock"
+_UNLOCKED: set[str] = set()  # remote folders already warned about
 
 
 class FaultWarning(UserWarning):
@@ -269,9 +272,19 @@ def output_lock(folder, **lock_options):
   """Holds ``folder``'s :class:`OutputLock` for the block; nested blocks of this process on the same folder
   share it. With several processes, process 0 holds it for all and every process raises if it failed.
 
+  A remote folder (``gs://``: an object store has no exclusive create to lock with) is not locked: a
+  :class:`FaultWarning` says so once, and one job per folder is the user's to ensure.
+
   Raises:
     OutputLocked: another live process holds the folder.
   """
+  if not storage.is_local(folder):
+    if jax.process_index() == 0 and str(folder) not in _UNLOCKED:
+      _UNLOCKED.add(str(folder))
+      warnings.warn(f"{folder}: a remote output folder is not locked against a second job writing there; "
+                    "run one job per folder.", FaultWarning, stacklevel=3)
+    yield
+    return
   path = Path(folder).absolute() / LOCK_NAME
   error = None
   if jax.process_index() == 0:

@@ -25,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from migu_jax import masking  # noqa: E402
+from migu_jax.cl import storage  # noqa: E402
 
 
 def plot_matrix(run: dict, path: str | os.PathLike) -> Path:
@@ -74,18 +75,20 @@ def plot_perplexity_matrix(run: dict, path: str | os.PathLike) -> Path:
   return _save(fig, path)
 
 
-def _save(fig, path) -> Path:
-  path = Path(path)
+def _save(fig, path, tight: bool = True) -> Path:
+  path = storage.output_path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  if tight:
+    fig.tight_layout()
+  with path.open("wb") as f:  # a file object: remote folders (gs://) too
+    fig.savefig(f, dpi=110, format="png")
   plt.close(fig)
   return path
 
 
-def _by_task(npz) -> dict[int, dict[str, np.ndarray]]:
+def _by_task(npz: dict) -> dict[int, dict[str, np.ndarray]]:
   out: dict[int, dict[str, np.ndarray]] = {}
-  for key in npz.files:
+  for key in npz:
     task, layer = key.split(":", 1)
     out.setdefault(int(task), {})[layer] = npz[key]
   return out
@@ -99,7 +102,7 @@ def default_layer(layers: Sequence[str]) -> str:
 
 def plot_magnitude_distribution(npz_path, tasks: Sequence[str], path, layer: str | None = None) -> Path:
   """The paper's Figure 1: L1-normalised magnitudes of one layer's output features on each task."""
-  by_task = _by_task(np.load(npz_path))
+  by_task = _by_task(_load_npz(npz_path))
   layer = layer or default_layer(by_task[0])
   fig, ax = plt.subplots(figsize=(9, 3.6))
   for j in sorted(by_task):
@@ -135,10 +138,15 @@ def overlap_matrix(per_task: Sequence[dict[str, np.ndarray]], ratio: float = 0.7
 
 def run_magnitudes(run_dir: str | os.PathLike, n_tasks: int) -> list[dict[str, np.ndarray]] | None:
   """The magnitudes captured after each task of a run, or None when some are missing."""
-  paths = [Path(run_dir) / f"magnitudes_task_{i}.npz" for i in range(n_tasks)]
+  paths = [storage.output_path(run_dir) / f"magnitudes_task_{i}.npz" for i in range(n_tasks)]
   if not all(p.exists() for p in paths):
     return None
-  return [dict(np.load(p)) for p in paths]
+  return [_load_npz(p) for p in paths]
+
+
+def _load_npz(path) -> dict[str, np.ndarray]:
+  with storage.output_path(path).open("rb") as f:
+    return dict(np.load(f))
 
 
 def plot_overlap(overlaps: dict[str, np.ndarray], tasks: Sequence[str], path, ratio: float = 0.7) -> Path:
@@ -154,18 +162,14 @@ def plot_overlap(overlaps: dict[str, np.ndarray], tasks: Sequence[str], path, ra
     off = m[~np.eye(len(m), dtype=bool)]
     ax.set_title(f"{method}: mean off-diagonal {off.mean():.2f}" if off.size else method, fontsize=10)
   fig.colorbar(im, ax=axes[0].tolist(), label=f"Jaccard of top {100 * (1 - ratio):.0f}% positions")
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(fig, path, tight=False)
 
 
 def plot_experiment(folder: str | os.PathLike, results: dict, *, out: str | os.PathLike | None = None
                     ) -> list[Path]:
   """Every figure for an experiment folder (into ``out``, default ``<folder>/plots``); returns the paths."""
-  folder = Path(folder)
-  out = Path(out) if out is not None else folder / "plots"
+  folder = storage.output_path(folder)
+  out = storage.output_path(out) if out is not None else folder / "plots"
   written = [plot_matrix(run, out / f"matrix_{run['method']}_seed{run['seed']}.png") for run in results["runs"]]
   if not results["runs"]:
     return written

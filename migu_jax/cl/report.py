@@ -17,11 +17,10 @@ import os
 import platform
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
-from migu_jax.cl import atomic
+from migu_jax.cl import atomic, storage
 from migu_jax.cl.metrics import summarize
 from migu_jax.cl.perplexity import PERPLEXITY_METRICS, summarize_perplexity
 
@@ -226,8 +225,8 @@ def _is_perplexity(results: dict) -> bool:
 
 def write_results(folder: str | os.PathLike, results: dict) -> None:
   """Writes ``results.json`` and ``results.md`` into ``folder`` (each replaced atomically)."""
-  atomic.write_json(Path(folder) / "results.json", results)
-  atomic.write_text(Path(folder) / "results.md", markdown(results))
+  atomic.write_json(storage.output_path(folder) / "results.json", results)
+  atomic.write_text(storage.output_path(folder) / "results.md", markdown(results))
 
 
 def load_results(folder: str | os.PathLike) -> dict:
@@ -236,7 +235,7 @@ def load_results(folder: str | os.PathLike) -> dict:
   Raises:
     FileNotFoundError: there is none (the run is not finished, or the path is wrong); names the folder.
   """
-  path = Path(folder) / "results.json"
+  path = storage.output_path(folder) / "results.json"
   if not path.is_file():
     raise FileNotFoundError(f"{path} does not exist: {folder} is not a finished experiment folder. Finish the "
                             "run (start it again with the same command to resume) or point at another folder.")

@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 import time
@@ -45,6 +46,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
 import migu_jax as migu
@@ -57,6 +59,7 @@ from migu_jax.cl import methods as methods_lib
 from migu_jax.cl import objectives as objectives_lib
 from migu_jax.cl import report as report_lib
 from migu_jax.cl import text as text_lib
+from migu_jax.cl import storage
 from migu_jax.cl import tune as tune_lib
 from migu_jax.cl.data import DataError, Task, load_task, resolve_order
 from migu_jax.cl.locate import resolve_data_dir
@@ -120,6 +123,12 @@ class Config:
   ``reset_optimizer`` (a fresh optimizer state at every task, as the reference; False carries the
   moments and step count over).
 
+  Precision: ``dtype`` (the models' compute dtype: ``"float32"``, or ``"bfloat16"`` on TPUs),
+  ``param_dtype`` (the stored parameters, hence gradients and AdamW moments: ``"float32"`` by default, also
+  under bfloat16 compute), ``remat`` (recompute each layer in the backward pass: less activation memory,
+  the same results). MIGU's statistics are float32 whatever the compute dtype
+  (:func:`migu_jax.sum_abs`).
+
   Run: ``output_dir``, ``checkpoint_every`` (steps), ``keep_checkpoints``, ``magnitude_batches`` (batches
   per task whose magnitudes are kept for the plots), ``progress`` (tqdm bars).
 
@@ -129,8 +138,11 @@ class Config:
   data axis), ``data_axis`` and ``model_axis`` (the mesh's axis names). On a mesh the global batch of
   ``batch_size`` rows is split over the data axis, each process feeding rows ``process_index::process_count``
   of every batch; the state is replicated, or with a model axis split along each leaf's last axis that
-  divides by its size (see :func:`shard_spec`). These settings change where the same computation runs, not
-  what it computes: a run may resume on another mode or mesh.
+  divides by its size (see :func:`shard_spec`). ``sharding``: ``"replicated"`` (as just said) or ``"fsdp"``
+  (mesh mode: parameters, gradients, optimizer state and MIGU's statistics split by the model family's
+  rules, ``embed`` over the data axis and ``vocab``/``mlp``/``heads`` over the model axis; see
+  :mod:`migu_jax.sharding`). These settings change where the same computation runs, not what it computes: a
+  run may resume on another mode, mesh or sharding.
   """
 
   model: str = "minilm"
@@ -200,6 +212,10 @@ class Config:
   mesh_shape: tuple[int, ...] | None = None
   data_axis: str = "data"
   model_axis: str = "model"
+  sharding: str = "replicated"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
 
   def __post_init__(self):
     for name in ("methods", "seeds", "length_buckets", "lora_targets", "mask_targets", "tune_rates", "also_eval"):
@@ -262,6 +278,13 @@ class Config:
       if self.mode != "mesh" or not 1 <= len(self.mesh_shape) <= 2:
         raise ValueError(f"Config.mesh_shape={self.mesh_shape!r} needs mode='mesh' and one or two axes: "
                          f"(data,) or (data, model), e.g. (-1, 2).")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"Config.{name}={getattr(self, name)!r}; expected one of {sorted(DTYPES)}.")
+    if self.sharding not in ("replicated", "fsdp"):
+      raise ValueError(f"Config.sharding={self.sharding!r}; expected 'replicated' or 'fsdp'.")
+    if self.sharding == "fsdp" and self.mode != "mesh":
+      raise ValueError("Config.sharding='fsdp' shards the state over a mesh; set mode='mesh' too.")
 
   @classmethod
   def from_dict(cls, values: dict) -> "Config":
@@ -287,9 +310,12 @@ class Config:
                                 max_new_tokens=self.max_new_tokens)
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+"""The names ``Config.dtype`` and ``Config.param_dtype`` take."""
+
 # Settings a resumed run must share with the checkpoint it resumes (the rest only affect bookkeeping).
 _RUN_ONLY = ("output_dir", "progress", "methods", "seeds", "checkpoint_every", "keep_checkpoints",
-             "magnitude_batches", "mode", "mesh_shape", "data_axis", "model_axis", "tune_rates", "tune_seed",
+             "magnitude_batches", "mode", "mesh_shape", "data_axis", "model_axis", "sharding", "remat", "tune_rates", "tune_seed",
              "tune_keep_fixed")
 
 
@@ -344,13 +370,34 @@ def load_general(cfg: Config, seed: int) -> text_lib.TextDomain | None:
 
 
 @functools.lru_cache(maxsize=2)
-def load_model(spec: str, objective: str = "task"):
-  """``(model, params, tokenizer)`` of a preset, local folder or hub id (cached: runs share it); for
-  ``objective="lm"`` with the LM head (:func:`migu_jax.cl.objectives.load_language_model`)."""
+def load_model(spec: str, objective: str = "task", dtype: str = "float32", remat: bool = False):
+  """``(model, params, tokenizer)`` of a preset, local folder or hub id (cached: runs share it); the model
+  computes in ``dtype`` (a name of :data:`DTYPES`), with ``remat`` recomputing its layers in the backward
+  pass; the parameters are float32. ``objective="lm"``: with the LM head
+  (:func:`migu_jax.cl.objectives.load_language_model`), float32 without remat for now."""
   if objective == "lm":
+    if dtype != "float32" or remat:
+      raise ValueError(f"objective='lm' runs in float32 without remat for now (got dtype={dtype!r}, "
+                       f"remat={remat}); drop --dtype/--remat for continual pre-training.")
     return objectives_lib.load_language_model(spec)
   from migu_jax.models import from_pretrained
-  return from_pretrained(spec)
+  return from_pretrained(spec, dtype=DTYPES[dtype], remat=remat)
+
+
+def run_model(cfg: Config):
+  """:func:`load_model` with the run's objective and precision settings (``cfg.dtype``, ``cfg.remat``)."""
+  return load_model(cfg.model, cfg.objective, cfg.dtype, cfg.remat)
+
+
+def cast_floats(tree, dtype: str):
+  """The floating-point leaves of ``tree`` in ``dtype`` (a name of :data:`DTYPES`); other leaves as they are.
+
+  Example:
+    >>> cast_floats({"w": np.ones(2, np.float32), "step": np.int32(3)}, "bfloat16")["w"].dtype
+    dtype(bfloat16)
+  """
+  target = DTYPES[dtype]
+  return jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -429,10 +476,10 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+def _save_npz(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  atomic.write_bytes(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,7 +494,7 @@ Callback = Callable[[str, dict], None]
 _CACHE: dict[tuple, Any] = {}
 _HEAD_KEYS = ("model", "objective", "mlm_probability", "head", "eval_mode", "order", "max_length", "length_buckets",
               "temperature", "learn_temperature", "eval_batch_size", "max_new_tokens", "padding", "pad_multiple",
-              "copa_prompt")
+              "copa_prompt", "dtype", "remat")
 
 
 def _cached(key: tuple, build: Callable[[], Any]):
@@ -464,7 +511,7 @@ def _head(cfg: Config, tasks: Sequence[Task]) -> heads_lib.Head:
   key = ("head",) + tuple(json.dumps(_json_ready(getattr(cfg, k))) for k in _HEAD_KEYS)
 
   def build():
-    model, _, tokenizer = load_model(cfg.model, cfg.objective)
+    model, _, tokenizer = run_model(cfg)
     if cfg.objective == "lm":
       return objectives_lib.make_objective(model, tokenizer, objectives_lib.ObjectiveConfig(
           max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size, mlm_probability=cfg.mlm_probability))
@@ -514,8 +561,19 @@ class Placement:
   local_rows: Callable[[dict], dict]
 
 
-def _placement(cfg: Config, step: migu.TrainStep) -> Placement:
-  """Where ``step`` (of ``cfg``'s mode) wants the state; on a mesh, sharded by :func:`shard_spec`."""
+def state_specs(cfg: Config, model, mesh: jax.sharding.Mesh) -> Callable[[Any], Any] | None:
+  """``tree -> PartitionSpec per leaf`` of ``cfg.sharding="fsdp"``: the rules of ``model``'s family
+  (:func:`migu_jax.models.param_axes`) on ``mesh``; None for ``"replicated"``."""
+  if cfg.sharding != "fsdp":
+    return None
+  from migu_jax.models import param_axes
+  return migu.sharding.specs_by_rules(param_axes(model.config.model_type), mesh, "fsdp",
+                                      data_axis=cfg.data_axis, model_axis=cfg.model_axis)
+
+
+def _placement(cfg: Config, step: migu.TrainStep, specs: Callable[[Any], Any] | None = None) -> Placement:
+  """Where ``step`` (of ``cfg``'s mode) wants the state; on a mesh, sharded by ``specs`` (see
+  :func:`state_specs`), else by :func:`shard_spec`."""
   if cfg.mode != "mesh":
     return Placement(step.place_state, step.fetch, lambda tree: tree, lambda batch: batch)
   from jax.experimental import multihost_utils
@@ -525,6 +583,9 @@ def _placement(cfg: Config, step: migu.TrainStep) -> Placement:
   model_size = dict(zip(mesh.axis_names, mesh.devices.shape)).get(cfg.model_axis, 1)
 
   def place(tree):
+    if specs is not None:
+      return migu.sharding.place(jax.tree.map(lambda x: jnp.array(x, copy=True), tree), mesh, specs(tree))
+
     def leaf(x):
       spec = shard_spec(np.shape(x), model_size, cfg.model_axis)
       return jax.device_put(jnp.array(x, copy=True), jax.sharding.NamedSharding(mesh, spec))
@@ -564,7 +625,7 @@ def _step_and_placement(cfg: Config, method: methods_lib.Method, seed: int, head
   # so the other methods' seeds share one compiled step.
   step_seed = seed if method.mask == "random" else None
   key = ("step", id(head), json.dumps(_identity(cfg, method.name, step_seed), sort_keys=True, default=str),
-         cfg.mode, cfg.mesh_shape, cfg.data_axis, cfg.model_axis)
+         cfg.mode, cfg.mesh_shape, cfg.data_axis, cfg.model_axis, cfg.sharding)
 
   def build():
     tx = methods_lib.make_optimizer(method, cfg, seed)
@@ -580,9 +641,10 @@ def _step_and_placement(cfg: Config, method: methods_lib.Method, seed: int, head
         raise ValueError(f"Config.batch_size={cfg.batch_size} does not split over the mesh's {data_size} data "
                          f"shards x micro_batches={cfg.micro_batches}; use a multiple of "
                          f"{data_size * cfg.micro_batches}.")
+    specs = state_specs(cfg, head.model, mesh) if mesh is not None else None
     step = migu.make_train_step(loss_fn, tx, micro_batches=cfg.micro_batches, mode=cfg.mode, mesh=mesh,
-                                data_axis=cfg.data_axis)
-    return tx, step, _placement(cfg, step)
+                                data_axis=cfg.data_axis, state_specs=specs)
+    return tx, step, _placement(cfg, step, specs)
 
   return _cached(key, build)
 
@@ -595,8 +657,9 @@ def params_digest(params) -> str:
   return h.hexdigest()
 
 
-def run_folder(cfg: Config, method: str, seed: int) -> Path:
-  return Path(cfg.output_dir) / method / f"seed_{seed}"
+def run_folder(cfg: Config, method: str, seed: int) -> epath.Path:
+  """``<output_dir>/<method>/seed_<seed>``, local or remote (see :mod:`migu_jax.cl.storage`)."""
+  return storage.output_path(cfg.output_dir) / method / f"seed_{seed}"
 
 
 def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequence[Callback] = ()) -> dict:
@@ -632,14 +695,15 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
 
   tasks = load_tasks(cfg, seed)
   general = load_general(cfg, seed)
-  model, model_params, _ = load_model(cfg.model, cfg.objective)
+  model, model_params, _ = run_model(cfg)
   head = _head(cfg, tasks)
   warning = heads_lib.rate_warning(head, cfg.schedule, cfg.learning_rate)
   if warning and is_writer():
     warnings.warn(f"{method_name} seed {seed}: {warning}", stacklevel=2)
   key = jax.random.key(seed)
   head_key, lora_key = jax.random.split(jax.random.fold_in(key, 1))
-  params = methods_lib.init_params(method, cfg, model_params, head.init(head_key), lora_key)
+  params = cast_floats(methods_lib.init_params(method, cfg, model_params, head.init(head_key), lora_key),
+                       cfg.param_dtype)
   tx, step_fn, placed = _step_and_placement(cfg, method, seed, head)
   params = placed.place(params)
   opt_state = placed.place(methods_lib.start_task(method, cfg, tx, params, 0))
@@ -669,7 +733,7 @@ def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_
 
   if meta["initial"] is None:
     plain = methods_lib.eval_params(method, cfg, placed.for_eval(params))
-    initial_mags = Path(cfg.output_dir) / "magnitudes_initial.npz"
+    initial_mags = storage.output_path(cfg.output_dir) / "magnitudes_initial.npz"
     # The paper's Figure 1: the same for every method.
     if cfg.magnitude_batches and is_writer() and not initial_mags.exists():
       _save_npz(initial_mags, {f"{j}:{name}": v for j, t in enumerate(tasks) for name, v in capture_magnitudes(
@@ -823,7 +887,7 @@ def _initial_accuracies(cfg: Config, seed: int, head, params, tasks, mode: str |
                      "eval_split", "dev_per_class", "copa_prompt")}
   if mode is not None and mode != cfg.eval_mode:
     values["eval_mode"] = mode
-  path = Path(cfg.output_dir) / "initial" / f"{_fingerprint(values)}.json"
+  path = storage.output_path(cfg.output_dir) / "initial" / f"{_fingerprint(values)}.json"
   if path.exists():
     return json.loads(path.read_text())["accuracies"]
   row = evaluate(head, params, tasks, cfg=cfg, desc="eval initial model", mode=mode)
@@ -845,7 +909,7 @@ def evaluate_checkpoint(run_dir: str | os.PathLike, *, order=None, max_test: int
   Returns:
     ``{"run_dir", "method", "seed", "checkpoint": {"task", "step"}, "tasks", "accuracies", "eval_mode"}``.
   """
-  run_dir = Path(run_dir)
+  run_dir = storage.output_path(run_dir)
   if not (run_dir / "config.json").is_file():
     raise FileNotFoundError(f"{run_dir} has no config.json: pass a run folder such as <output>/migu/seed_0.")
   identity = json.loads((run_dir / "config.json").read_text())
@@ -853,12 +917,13 @@ def evaluate_checkpoint(run_dir: str | os.PathLike, *, order=None, max_test: int
   cfg = Config.from_dict({**identity, "methods": (method_name,), "seeds": (seed,), "progress": progress,
                           "output_dir": str(run_dir.parent.parent)})
   method = methods_lib.get_method(method_name)
-  _, model_params, _ = load_model(cfg.model, cfg.objective)
+  _, model_params, _ = run_model(cfg)
   train_tasks = load_tasks(cfg, seed)
   train_head = _head(cfg, train_tasks)
   key = jax.random.key(seed)
   head_key, lora_key = jax.random.split(jax.random.fold_in(key, 1))
-  like = methods_lib.init_params(method, cfg, model_params, train_head.init(head_key), lora_key)
+  like = cast_floats(methods_lib.init_params(method, cfg, model_params, train_head.init(head_key), lora_key),
+                     cfg.param_dtype)
   tx = methods_lib.make_optimizer(method, cfg, seed)
   with ckpt_lib.RunCheckpoints(run_dir / "checkpoints") as checkpoints:
     restored = checkpoints.restore({"params": like, "opt_state": tx.init(like), "key": key})
@@ -881,7 +946,7 @@ def evaluate_checkpoint(run_dir: str | os.PathLike, *, order=None, max_test: int
 def run_experiment(cfg: Config, *, callbacks: Sequence[Callback] = (), plots: bool = True) -> dict:
   """Runs every method and seed of ``cfg`` (resuming each), then writes ``results.json``, ``results.md``
   and the plots to ``cfg.output_dir``. Returns the combined results."""
-  out = Path(cfg.output_dir)
+  out = storage.output_path(cfg.output_dir)
   out.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   with faults.output_lock(out), faults.stop_signals():  # held across every run, results and plots
@@ -890,7 +955,7 @@ def run_experiment(cfg: Config, *, callbacks: Sequence[Callback] = (), plots: bo
 
 def _run_all(cfg: Config, callbacks: Sequence[Callback], plots: bool, start: float) -> dict:
   """The body of :func:`run_experiment`, holding the output folder."""
-  out = Path(cfg.output_dir)
+  out = storage.output_path(cfg.output_dir)
   tuning = None
   if cfg.tune_rates:  # each method's learning rate chosen on dev first, then the real runs
     tuning = tune_lib.choose_rates(cfg, functools.partial(run_experiment, callbacks=callbacks, plots=False))
@@ -910,7 +975,6 @@ def _run_all(cfg: Config, callbacks: Sequence[Callback], plots: bool, start: flo
   return results
 
 
-__all__ = ["Config", "DataError", "Placement", "capture_magnitudes", "data_dir", "evaluate", "evaluate_checkpoint",
-           "is_writer", "load_general", "load_model", "load_tasks", "make_mesh", "params_digest", "run_end_tasks",
-           "run_experiment", "run_folder",
-           "run_sequence", "shard_spec"]
+__all__ = ["Config", "DTYPES", "DataError", "Placement", "capture_magnitudes", "cast_floats", "data_dir", "evaluate",
+           "evaluate_checkpoint", "is_writer", "load_general", "load_model", "load_tasks", "make_mesh", "params_digest",
+           "run_end_tasks", "run_experiment", "run_folder", "run_model", "run_sequence", "shard_spec", "state_specs"]

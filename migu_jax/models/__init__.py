@@ -16,7 +16,7 @@ from migu_jax.models import bert, llama, t5
 from migu_jax.models._checkpoint import CheckpointError
 from migu_jax.models.bert.modeling import mean_pool
 from migu_jax.models.generation import greedy_generate, greedy_generate_seq2seq
-from migu_jax.models.hub import FAMILIES, from_pretrained, save_pretrained
+from migu_jax.models.hub import FAMILIES, from_pretrained, param_axes, save_pretrained
 from migu_jax.models.presets import PRESETS
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "greedy_generate_seq2seq",
     "llama",
     "mean_pool",
+    "param_axes",
     "save_pretrained",
     "t5",
 ]

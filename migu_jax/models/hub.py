@@ -61,6 +61,16 @@ def family(model_type: str):
   return module, getattr(module, model_name)
 
 
+def param_axes(model_type: str):
+  """The sharding rules of a family (``PARAM_AXES`` next to its modeling; see :mod:`migu_jax.sharding`).
+
+  Example:
+    >>> param_axes("llama")[0]
+    ('(^|/)embed/embedding$', ('vocab', 'embed'))
+  """
+  return family(model_type)[0].PARAM_AXES
+
+
 def _resolve_folder(path_or_id: str) -> str:
   if os.path.isdir(path_or_id):
     return path_or_id
