@@ -48,8 +48,8 @@ def _same(result, reference):
   assert result["params_sha256"] == reference["params_sha256"]
 
 
-def _largest_file(folder: Path) -> Path:
-  return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+def _largest_file(folder) -> Path:
+  return max((p for p in Path(os.fspath(folder)).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
 def _truncate(path: Path) -> None:

@@ -21,7 +21,9 @@ the run's (other settings) is :class:`CheckpointMismatch`, not damage. A save th
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import shutil
 import os
 import pathlib
 import time
@@ -95,16 +97,23 @@ class _Damaged(Exception):
   """One checkpoint failed to read (internal: restore walks back past it)."""
 
 
-def _remove_settled(folder: epath.Path, patience: float = 10.0) -> None:
+def _remove_settled(folder, patience: float = 10.0) -> None:
   """Removes ``folder`` once its contents stop changing (at most ``patience`` seconds).
 
   When one item of a save fails, the other items' writes (tensorstore threads) can go on for a moment and
-  recreate folders under a temporary checkpoint folder; removing it while they do fails (ENOTEMPTY).
+  recreate folders under a temporary checkpoint folder; removing it while they do fails (ENOTEMPTY). A
+  remote folder (``gs://``) is removed at once.
   """
+  name = os.fspath(folder) if not isinstance(folder, str) else folder
+  if "://" in name:
+    with contextlib.suppress(Exception):  # noqa: BLE001 (best effort: the next save writes a new folder)
+      folder.rmtree(missing_ok=True)
+    return
   seen, deadline = None, time.monotonic() + patience
-  while storage.is_local(folder) and time.monotonic() < deadline:  # a remote folder: no local writer threads
+  while time.monotonic() < deadline:
     try:
-      now = sorted((str(p), p.stat().st_size) for p in pathlib.Path(folder).rglob("*"))
+      now = sorted((os.path.join(root, f), os.path.getsize(os.path.join(root, f)))
+                   for root, _, files in os.walk(name) for f in files)
     except OSError:  # changed while listed
       now = None
     if now is not None and now == seen:
@@ -112,11 +121,8 @@ def _remove_settled(folder: epath.Path, patience: float = 10.0) -> None:
     seen = now
     time.sleep(0.3)
   for _ in range(3):
-    try:
-      folder.rmtree(missing_ok=True)
-    except OSError:
-      pass
-    if not folder.exists():
+    shutil.rmtree(name, ignore_errors=True)
+    if not os.path.exists(name):
       return
     time.sleep(0.3)
 
