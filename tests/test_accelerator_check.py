@@ -7,13 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_cl_runner import DATA, tiny_models  # noqa: F401 (fixture)
+from tiny_cl import DATA
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "accelerator_check.py"
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
-def test_accelerator_check_runs_at_tiny_size(tiny_models, capsys):  # noqa: F811
+def test_accelerator_check_runs_at_tiny_size(tiny_models, capsys):
   spec = importlib.util.spec_from_file_location("accelerator_check", SCRIPT)
   module = importlib.util.module_from_spec(spec)
   sys.modules["accelerator_check"] = module

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from tiny_cl import DATA, needs_data
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared/data/CL_Benchmark"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
 
 
+@needs_data
 def test_domains_are_disjoint_from_end_tasks_and_load(tmp_path):
   sys.path.insert(0, str(REPO / "experiments"))
   try:

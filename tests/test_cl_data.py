@@ -7,10 +7,8 @@ import pytest
 
 from migu_jax.cl import data, hub, locate, prompts
 from migu_jax.cl.data import DataError, HeldOutSplit, Record
-
-# The repository's parent folder holds shared/ (a partial local copy of O-LoRA's CL_Benchmark).
-BENCH = Path(__file__).resolve().parents[2] / "shared/data/CL_Benchmark"
-needs_bench = pytest.mark.skipif(not BENCH.is_dir(), reason=f"local CL_Benchmark copy not found at {BENCH}")
+from tiny_cl import DATA as BENCH  # the repository's ../shared/data (a partial copy of O-LoRA's CL_Benchmark)
+from tiny_cl import needs_data as needs_bench
 
 NO_TEST_FILE = {"yelp", "imdb", "multirc"}  # absent from the local copy: evaluated on a held-out split
 

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from test_cl_runner import DATA, tiny_config, tiny_models  # noqa: F401 (fixture)
+from tiny_cl import DATA, resumable_config, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,8 +177,7 @@ def _clean(stderr: str) -> None:
   assert "Traceback" not in stderr and "Event loop is closed" not in stderr and "Exception ignored" not in stderr, stderr
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
-def test_second_process_on_an_output_folder_is_refused(tiny_models, tmp_path):  # noqa: F811
+def test_second_process_on_an_output_folder_is_refused(tiny_models, tmp_path):
   from migu_jax.cl import faults
 
   with faults.output_lock(tmp_path):  # this process is the first one
@@ -195,24 +194,10 @@ def test_second_process_on_an_output_folder_is_refused(tiny_models, tmp_path):  
 # ----------------------------------------------------------------------------- runs (tiny BERT)
 
 
-def _config(models, folder, **overrides):
-  # dbpedia: 56 records = 7 steps per epoch x 2 epochs; amazon and agnews: 2 x 2 steps; saves every 3 steps.
-  values = dict(train_per_class=4, epochs=2, checkpoint_every=3, magnitude_batches=0)
-  return tiny_config(models["bert"], folder, **{**values, **overrides})
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_models, tmp_path_factory):  # noqa: F811
-  from migu_jax.cl import runner
-
-  return runner.run_sequence(_config(tiny_models, tmp_path_factory.mktemp("reference")), "migu", 0)
-
-
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
-def test_killed_then_newest_checkpoint_truncated_resumes_bit_identical(tiny_models, tmp_path, reference):  # noqa: F811
+def test_killed_then_newest_checkpoint_truncated_resumes_bit_identical(tiny_models, tmp_path, uninterrupted_run):
   from migu_jax.cl import faults, runner
 
-  cfg = _config(tiny_models, tmp_path)
+  cfg = resumable_config(tiny_models, tmp_path)
   with pytest.raises(Killed):
     runner.run_sequence(cfg, "migu", 0, callbacks=[_kill_at(1, 1)])
   checkpoints = runner.run_folder(cfg, "migu", 0) / "checkpoints"
@@ -220,14 +205,13 @@ def test_killed_then_newest_checkpoint_truncated_resumes_bit_identical(tiny_mode
   _truncate(_largest_file(checkpoints / str(newest)))
   with pytest.warns(faults.FaultWarning, match=rf"checkpoints/{newest} is damaged .* Resuming from checkpoint "
                     rf"{newest - 1} \(task 1, step 12\)"):
-    _same(runner.run_sequence(cfg, "migu", 0), reference)
+    _same(runner.run_sequence(cfg, "migu", 0), uninterrupted_run)
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
-def test_sigterm_mid_task_saves_at_that_step_and_resumes_bit_identical(tiny_models, tmp_path, reference):  # noqa: F811
+def test_sigterm_mid_task_saves_at_that_step_and_resumes_bit_identical(tiny_models, tmp_path, uninterrupted_run):
   from migu_jax.cl import checkpoint, faults, runner
 
-  cfg = _config(tiny_models, tmp_path)
+  cfg = resumable_config(tiny_models, tmp_path)
   before = signal.getsignal(signal.SIGTERM)
   saved = []
   with pytest.raises(faults.Preempted, match=r"stopped by SIGTERM at migu seed 0, task 1 of 3 \(dbpedia\), "
@@ -240,16 +224,15 @@ def test_sigterm_mid_task_saves_at_that_step_and_resumes_bit_identical(tiny_mode
     assert (kept.read_meta()["task"], kept.read_meta()["step"]) == (0, 5)
   steps = []
   _same(runner.run_sequence(cfg, "migu", 0, callbacks=[lambda e, i: steps.append(i["step"]) if e == "step"
-                                                      else None]), reference)
+                                                      else None]), uninterrupted_run)
   assert steps[0] == 5  # nothing replayed, nothing skipped
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
-def test_failing_save_in_a_run_stops_it_and_the_resume_is_bit_identical(tiny_models, tmp_path, reference,  # noqa: F811
+def test_failing_save_in_a_run_stops_it_and_the_resume_is_bit_identical(tiny_models, tmp_path, uninterrupted_run,
                                                                          monkeypatch):
   from migu_jax.cl import checkpoint, runner
 
-  cfg = _config(tiny_models, tmp_path)
+  cfg = resumable_config(tiny_models, tmp_path)
   saves = []
   original = ocp.JsonCheckpointHandler._save_fn
 
@@ -264,7 +247,7 @@ def test_failing_save_in_a_run_stops_it_and_the_resume_is_bit_identical(tiny_mod
                      r"\(PermissionError.*checkpoint 1, the newest complete one, is intact"):
     runner.run_sequence(cfg, "migu", 0)
   monkeypatch.undo()
-  _same(runner.run_sequence(cfg, "migu", 0), reference)
+  _same(runner.run_sequence(cfg, "migu", 0), uninterrupted_run)
 
 
 # ------------------------------------------------------------------ the command, stopped by SIGTERM
@@ -273,8 +256,7 @@ LONG = dict(order="dbpedia,amazon", train_per_class=4, epochs=30, checkpoint_eve
 """A first task of 210 steps, checkpoints only at task ends."""
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
-def test_sigterm_to_the_command_stops_it_within_30s_and_the_resume_is_bit_identical(tiny_models, tmp_path):  # noqa: F811
+def test_sigterm_to_the_command_stops_it_within_30s_and_the_resume_is_bit_identical(tiny_models, tmp_path):
   from migu_jax.cl import checkpoint, runner
 
   cfg = tiny_config(tiny_models["bert"], tmp_path / "stopped", **LONG)

@@ -5,13 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_cl_runner import DATA, tiny_config, tiny_models  # noqa: F401  (the session fixture)
-
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
+from tiny_cl import once_per_run, tiny_config
 
 
 @pytest.mark.parametrize("method", ["grad_mask", "weight_mask", "fisher_mask"])
-def test_table11_importance_methods_run(tiny_models, tmp_path, method):  # noqa: F811
+def test_table11_importance_methods_run(tiny_models, tmp_path, method):
   from migu_jax.cl import runner
 
   cfg = tiny_config(tiny_models["bert"], tmp_path, methods=(method,), magnitude_batches=0)
@@ -20,13 +18,26 @@ def test_table11_importance_methods_run(tiny_models, tmp_path, method):  # noqa:
   assert all(np.isfinite(loss) for loss in run["final_loss"])
 
 
+def _migu(models, folder, **overrides):
+  return tiny_config(models["bert"], folder, magnitude_batches=0, **overrides)
+
+
+@pytest.fixture(scope="session")
+def migu_run(tiny_models, tmp_path_factory):
+  """MIGU at the default settings, to compare the runs of other settings with."""
+  def run(folder):
+    from migu_jax.cl import runner
+    return runner.run_sequence(_migu(tiny_models, folder), "migu", 0)
+
+  return once_per_run(tmp_path_factory, "test_cl_methods.migu_run", run)
+
+
 @pytest.mark.parametrize("threshold", ["top_k", "l1_mass"])
-def test_threshold_rules_change_the_run(tiny_models, tmp_path, threshold):  # noqa: F811
+def test_threshold_rules_change_the_run(tiny_models, tmp_path, migu_run, threshold):
   from migu_jax.cl import runner
 
-  base = runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "q"), "migu", 0)
-  other = runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "t", threshold=threshold), "migu", 0)
-  assert other["params_sha256"] != base["params_sha256"]
+  other = runner.run_sequence(_migu(tiny_models, tmp_path, threshold=threshold), "migu", 0)
+  assert other["params_sha256"] != migu_run["params_sha256"]
 
 
 def test_padding_aware_forward_passes_each_stack_its_mask():
@@ -41,7 +52,7 @@ def test_padding_aware_forward_passes_each_stack_its_mask():
 
 
 @pytest.mark.parametrize("family", ["bert", "llama", "t5"])
-def test_padding_aware_magnitudes_equal_those_of_the_unpadded_rows(tiny_models, family):  # noqa: F811
+def test_padding_aware_magnitudes_equal_those_of_the_unpadded_rows(tiny_models, family):
   from migu_jax.cl import methods, runner
 
   cfg = runner.Config(model=tiny_models[family], padding_aware=True)
@@ -68,7 +79,7 @@ def test_padding_aware_magnitudes_equal_those_of_the_unpadded_rows(tiny_models, 
 
 
 @pytest.mark.parametrize("family", ["bert", "llama", "t5"])
-def test_layer_types_split_the_kernels_into_attention_and_feed_forward(tiny_models, family):  # noqa: F811
+def test_layer_types_split_the_kernels_into_attention_and_feed_forward(tiny_models, family):
   from migu_jax import masking
   from migu_jax.cl import methods, runner
 
@@ -91,14 +102,13 @@ def test_layer_types_split_the_kernels_into_attention_and_feed_forward(tiny_mode
   assert all("attention" in "/".join(k) for k in attention)
 
 
-def test_mask_targets_limit_the_mask_to_their_layers(tiny_models, tmp_path):  # noqa: F811
+def test_mask_targets_limit_the_mask_to_their_layers(tiny_models, tmp_path, migu_run):
   from migu_jax.cl import runner
 
-  base = runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "all"), "migu", 0)
-  attn = runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "a", mask_targets=("attention",)), "migu", 0)
-  assert attn["params_sha256"] != base["params_sha256"]
+  attn = runner.run_sequence(_migu(tiny_models, tmp_path / "a", mask_targets=("attention",)), "migu", 0)
+  assert attn["params_sha256"] != migu_run["params_sha256"]
   with pytest.raises(ValueError, match="mask_targets"):
-    runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "bad", mask_targets=("attention[",)), "migu", 0)
+    runner.run_sequence(_migu(tiny_models, tmp_path / "bad", mask_targets=("attention[",)), "migu", 0)
 
 
 def test_warmup_schedule_rises_then_stays():
@@ -108,7 +118,7 @@ def test_warmup_schedule_rises_then_stays():
   np.testing.assert_allclose([float(schedule(i)) for i in (0, 2, 4, 10)], [0.0, 5e-4, 1e-3, 1e-3], rtol=1e-6)
 
 
-def test_optimizer_state_is_reset_at_each_task_unless_asked_to_carry_it(tiny_models, tmp_path):  # noqa: F811
+def test_optimizer_state_is_reset_at_each_task_unless_asked_to_carry_it(tiny_models, tmp_path, migu_run):
   from migu_jax.cl import methods, runner
 
   cfg = runner.Config(methods=("migu",))
@@ -125,9 +135,8 @@ def test_optimizer_state_is_reset_at_each_task_unless_asked_to_carry_it(tiny_mod
   assert all(float(m.sum()) == 0 for m in moments(fresh))
   assert all(float(m.sum()) == 6 for m in moments(carried))
   assert methods.start_task(method, cfg.replace(reset_optimizer=False), tx, params, 0, moved) is not moved
-  base = runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "reset"), "migu", 0)
-  kept = runner.run_sequence(tiny_config(tiny_models["bert"], tmp_path / "kept", reset_optimizer=False), "migu", 0)
-  assert kept["params_sha256"] != base["params_sha256"]
+  kept = runner.run_sequence(_migu(tiny_models, tmp_path, reset_optimizer=False), "migu", 0)
+  assert kept["params_sha256"] != migu_run["params_sha256"]
 
 
 def test_one_threshold_resolver_for_config_and_masks():

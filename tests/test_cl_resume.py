@@ -6,27 +6,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from test_cl_runner import DATA, tiny_config, tiny_models  # noqa: F401 (fixture)
-
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
+from tiny_cl import resumable_config, tiny_config
 
 
 class Killed(Exception):
   """Stands for the process dying: nothing in memory survives the restart."""
-
-
-def _config(models, folder):
-  # dbpedia: 56 records = 7 steps per epoch x 2 epochs; amazon and agnews: 2 x 2 steps; saves every 3 steps.
-  return tiny_config(models["bert"], folder, train_per_class=4, epochs=2, checkpoint_every=3,
-                     magnitude_batches=0)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_models, tmp_path_factory):  # noqa: F811
-  from migu_jax.cl import runner
-
-  cfg = _config(tiny_models, tmp_path_factory.mktemp("reference"))
-  return runner.run_sequence(cfg, "migu", 0)
 
 
 def _kill_at(task, step):
@@ -43,10 +27,10 @@ def _same(result, reference):
   assert result["steps"] == reference["steps"] == [14, 4, 4]
 
 
-def test_killed_mid_task_resumes_bit_identical(tiny_models, tmp_path, reference):  # noqa: F811
+def test_killed_mid_task_resumes_bit_identical(tiny_models, tmp_path, uninterrupted_run):
   from migu_jax.cl import report, runner
 
-  cfg = _config(tiny_models, tmp_path)
+  cfg = resumable_config(tiny_models, tmp_path)
   folder = runner.run_folder(cfg, "migu", 0)
   with pytest.raises(Killed):
     runner.run_sequence(cfg, "migu", 0, callbacks=[_kill_at(0, 10)])  # last save at step 9
@@ -58,13 +42,13 @@ def test_killed_mid_task_resumes_bit_identical(tiny_models, tmp_path, reference)
     runner.run_sequence(cfg, "migu", 0, callbacks=[lambda e, i: steps.append((i["task"], i["step"]))
                                                    if e == "step" else None, _kill_at(2, 1)])
   assert steps[0] == (0, 9)  # resumed at the checkpointed step: nothing replayed twice, nothing skipped
-  _same(runner.run_sequence(cfg, "migu", 0), reference)
+  _same(runner.run_sequence(cfg, "migu", 0), uninterrupted_run)
 
 
-def test_killed_mid_save_keeps_last_good_checkpoint(tiny_models, tmp_path, reference, monkeypatch):  # noqa: F811
+def test_killed_mid_save_keeps_last_good_checkpoint(tiny_models, tmp_path, uninterrupted_run, monkeypatch):
   from migu_jax.cl import checkpoint, runner
 
-  cfg = _config(tiny_models, tmp_path)
+  cfg = resumable_config(tiny_models, tmp_path)
   saves = []
   original = ocp.JsonCheckpointHandler._save_fn  # writes the meta item's file
 
@@ -82,13 +66,13 @@ def test_killed_mid_save_keeps_last_good_checkpoint(tiny_models, tmp_path, refer
   meta = saved.read_meta()
   assert (meta["task"], meta["step"]) == (0, 6)  # the partial save of step 9 is not the latest
   saved.close()
-  _same(runner.run_sequence(cfg, "migu", 0), reference)
+  _same(runner.run_sequence(cfg, "migu", 0), uninterrupted_run)
 
 
-def test_resume_with_other_settings_is_refused(tiny_models, tmp_path):  # noqa: F811
+def test_resume_with_other_settings_is_refused(tiny_models, tmp_path):
   from migu_jax.cl import runner
 
-  cfg = _config(tiny_models, tmp_path)
+  cfg = resumable_config(tiny_models, tmp_path)
   with pytest.raises(Killed):
     runner.run_sequence(cfg, "migu", 0, callbacks=[_kill_at(0, 4)])
   with pytest.raises(ValueError, match="learning_rate: 0.003 -> 0.1"):
@@ -110,7 +94,7 @@ def test_resume_checks_settings_and_counts_later_added_ones_as_their_defaults(tm
 
 
 @pytest.mark.parametrize("method", ["random", "fisher_mask", "migu_lora", "migu_replay"])
-def test_methods_with_more_state_resume_bit_identical(tiny_models, tmp_path, method):  # noqa: F811
+def test_methods_with_more_state_resume_bit_identical(tiny_models, tmp_path, method):
   # The random mask's PRNG key, Fisher's moving averages, LoRA factors and the replay mix all travel
   # through the checkpoint: killed in the middle of a later task, the run ends as if never stopped.
   from migu_jax.cl import runner

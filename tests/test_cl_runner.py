@@ -1,85 +1,12 @@
-"""The continual-learning runner on a tiny random BERT and a few records per task of the shared benchmark.
-
-The tiny model folder (random BertModel + a small WordPiece tokenizer trained on the task sentences) is
-built once per session; test_cl_resume.py and test_cli.py import the fixture from here.
-"""
+"""The continual-learning runner on a tiny random BERT (and Llama, T5) and a few records per task of the shared
+benchmark (the models and the config: tests/tiny_cl.py, the ``tiny_models`` fixture: tests/conftest.py)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-DATA = Path(__file__).resolve().parents[2] / "shared/data/CL_Benchmark"
-TASKS = "dbpedia,amazon,agnews"
-
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
-
-
-def _tokenizer(texts, kind="bert"):
-  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-  from transformers import PreTrainedTokenizerFast
-
-  tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-  specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>"]
-  tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=250, special_tokens=specials))
-  if kind == "bert":
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
-  # Language models: no special tokens around a text; </s> ends an answer.
-  from tokenizers import decoders
-  tok.decoder = decoders.WordPiece()
-  return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
-
-
-def _texts():
-  from migu_jax.cl import data
-  from migu_jax.cl.prompts import INSTRUCTIONS
-
-  texts = ["Task:TC Dataset:dbpedia amazon agnews Option: Answer:"] + list(INSTRUCTIONS.values())
-  for name in TASKS.split(","):
-    task = data.load_task(DATA, name, train_per_class=4, max_test=8)
-    texts += [r.sentence for r in task.train + task.test] + list(task.labels)
-  return texts
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-  """Folders of tiny random models with tokenizers: {"bert": ..., "llama": ..., "t5": ...}."""
-  from migu_jax.models import bert, llama, save_pretrained, t5
-
-  root = tmp_path_factory.mktemp("tiny_models")
-  texts = _texts()
-  out = {}
-  tok = _tokenizer(texts, "bert")
-  cfg = bert.Config.of_size("tiny", vocab_size=len(tok), max_position_embeddings=32)
-  save_pretrained(bert.BertModel(cfg), bert.params.init_params(cfg), root / "bert", tokenizer=tok)
-  out["bert"] = str(root / "bert")
-  lm_tok = _tokenizer(texts, "lm")
-  eos = lm_tok.eos_token_id
-  lcfg = llama.Config.of_size("tiny", vocab_size=len(lm_tok), num_hidden_layers=1, eos_token_id=eos,
-                             pad_token_id=0, bos_token_id=None)
-  save_pretrained(llama.LlamaForCausalLM(lcfg), llama.params.init_params(lcfg), root / "llama", tokenizer=lm_tok)
-  out["llama"] = str(root / "llama")
-  tcfg = t5.Config.of_size("tiny", vocab_size=len(lm_tok), num_layers=1, eos_token_id=eos, pad_token_id=0)
-  save_pretrained(t5.T5ForConditionalGeneration(tcfg), t5.params.init_params(tcfg), root / "t5", tokenizer=lm_tok)
-  out["t5"] = str(root / "t5")
-  return out
-
-
-def tiny_config(model_folder, output_dir, **overrides):
-  from migu_jax.cl import runner
-
-  values = dict(model=model_folder, data_dir=str(DATA), order=TASKS, train_per_class=2, max_test=8,
-                methods=("migu",), seeds=(0,), max_length=32, length_buckets=(32,), batch_size=8,
-                eval_batch_size=16, learning_rate=3e-3, output_dir=str(output_dir), progress=False,
-                checkpoint_every=2, magnitude_batches=1)
-  values.update(overrides)
-  return runner.Config(**values)
+from tiny_cl import DATA, tiny_config
 
 
 def test_three_tasks_give_full_matrix_and_metrics(tiny_models, tmp_path):

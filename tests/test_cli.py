@@ -6,20 +6,18 @@ import json
 import pytest
 
 from migu_jax import cli
-from test_cl_runner import DATA, TASKS, tiny_models  # noqa: F401 (fixture)
-
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
+from tiny_cl import DATA, TASKS
 
 
 def _run_args(model, out, *extra):
-  # The same settings as test_cl_runner.tiny_config, so the compiled steps are shared within a session.
+  # The settings of tiny_cl.tiny_config, so the runs compile the programs of the runner tests.
   return ["run", "--model", model, "--data-dir", str(DATA), "--tasks", TASKS, "--train-per-class", "2",
           "--max-test", "8", "--max-length", "32", "--batch-size", "8", "--lr", "3e-3", "--output", str(out),
           "--set", "length_buckets=(32,)", "--set", "eval_batch_size=16", "--set", "magnitude_batches=1",
           "--no-progress", *extra]
 
 
-def test_run_report_and_eval_write_results(tiny_models, tmp_path, capsys):  # noqa: F811
+def test_run_report_and_eval_write_results(tiny_models, tmp_path, capsys):
   out = tmp_path / "exp"
   assert cli.main(_run_args(tiny_models["bert"], out, "--methods", "seqft,migu")) == 0
   printed = capsys.readouterr().out
@@ -47,7 +45,7 @@ def test_run_report_and_eval_write_results(tiny_models, tmp_path, capsys):  # no
   assert "| migu seed 0 | task 3 step 0 |" in capsys.readouterr().out
 
 
-def test_config_file_and_flag_override(tiny_models, tmp_path):  # noqa: F811
+def test_config_file_and_flag_override(tiny_models, tmp_path):
   config = tmp_path / "tiny.py"
   config.write_text(
       '"""Tiny config."""\n'
@@ -60,7 +58,7 @@ def test_config_file_and_flag_override(tiny_models, tmp_path):  # noqa: F811
   assert (cfg.order, cfg.methods, cfg.ratio, cfg.output_dir) == ("amazon", ("seqft",), 0.5, str(tmp_path / "o"))
 
 
-def test_errors_name_the_problem(tiny_models, tmp_path, capsys):  # noqa: F811
+def test_errors_name_the_problem(tiny_models, tmp_path, capsys):
   assert cli.main(_run_args(tiny_models["bert"], tmp_path, "--methods", "seqft,ewc")) == 2
   assert "Unknown method 'ewc'" in capsys.readouterr().err
   args = _run_args(tiny_models["bert"], tmp_path, "--methods", "migu")

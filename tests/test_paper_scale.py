@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cl_runner import DATA, tiny_models  # noqa: F401 (fixture)
+from tiny_cl import DATA
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "paper_scale.py"
 
@@ -30,8 +30,7 @@ def test_the_estimate_adds_training_evaluation_and_compilation():
   assert plan["total_s"] == pytest.approx(6 * 85.0 + 20.0)
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
-def test_paper_scale_dry_run_estimates_then_trains(tiny_models, tmp_path, capsys):  # noqa: F811
+def test_paper_scale_dry_run_estimates_then_trains(tiny_models, tmp_path, capsys):
   ps = _module()
   out = tmp_path / "paper"
   args = ["--tiny", "--model", str(tiny_models["llama"]), "--data-dir", str(DATA), "--order", "dbpedia,amazon",

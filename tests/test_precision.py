@@ -14,7 +14,7 @@ import pytest
 import migu_jax as migu
 from migu_jax import cli
 from migu_jax.models import llama
-from test_cl_runner import DATA, tiny_config, tiny_models  # noqa: F401 (fixture)
+from tiny_cl import tiny_config
 
 
 def _dtypes(tree) -> set:
@@ -41,8 +41,7 @@ def test_bfloat16_compute_keeps_float32_params_state_and_statistics():
   assert not np.array_equal(new["layers_0"]["mlp"]["up_proj"]["kernel"], params["layers_0"]["mlp"]["up_proj"]["kernel"])
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
-def test_runner_precision_settings(tiny_models, tmp_path):  # noqa: F811
+def test_runner_precision_settings(tiny_models, tmp_path):
   from migu_jax.cl import methods, runner
 
   cfg = tiny_config(tiny_models["llama"], tmp_path, order="amazon", dtype="bfloat16", remat=True)

@@ -17,7 +17,7 @@ from migu_jax.cl import tune as tune_lib
 from migu_jax.cl.data import Record
 from migu_jax.cl.prompts import build_prompt
 from migu_jax.models import llama, t5
-from test_cl_runner import tiny_models  # noqa: F401  (the session fixture)
+from tiny_cl import tiny_config
 
 
 def _lm_loss(model, params, ids, **kw):
@@ -143,7 +143,6 @@ def test_method_rate_specs_and_choice():
 
 def test_tuned_experiment_runs_methods_at_dev_chosen_and_fixed_rates(tiny_models, tmp_path):
   from migu_jax.cl import runner
-  from test_cl_runner import tiny_config
 
   cfg = tiny_config(tiny_models["llama"], tmp_path, methods=("seqft", "migu"), tune_rates=(1e-3, 3e-3),
                     order="dbpedia,agnews",

@@ -22,9 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_cl_runner import DATA, tiny_config, tiny_models  # noqa: F401 (fixture)
-
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
+from tiny_cl import DATA, once_per_run, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "tpu" / "run_cl.py"
@@ -65,12 +63,14 @@ def _config(models, out, **overrides):
   return tiny_config(models["bert"], out, order=ORDER, train_per_class=4, dropout=False, **overrides)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_models, tmp_path_factory):  # noqa: F811
-  from migu_jax.cl import runner
+@pytest.fixture(scope="session")
+def reference(tiny_models, tmp_path_factory):
+  """The run on one device (jit)."""
+  def run(folder):
+    from migu_jax.cl import runner
+    return runner.run_sequence(_config(tiny_models, folder, magnitude_batches=0), "migu", 0)
 
-  cfg = _config(tiny_models, tmp_path_factory.mktemp("jit"), magnitude_batches=0)
-  return runner.run_sequence(cfg, "migu", 0)
+  return once_per_run(tmp_path_factory, "test_tpu.reference", run)
 
 
 def _same_run(run, reference):
@@ -87,7 +87,7 @@ def _argv(models, out):
           "--set", "eval_batch_size=16", "--set", "magnitude_batches=1", "--no-progress"]
 
 
-def test_script_on_a_mesh_matches_one_device(tiny_models, tmp_path, reference):  # noqa: F811
+def test_script_on_a_mesh_matches_one_device(tiny_models, tmp_path, reference):
   out = tmp_path / "mesh"
   printed, = run_script(*_argv(tiny_models, out))
   assert "run_cl: 1 process(es), 8 cpu device(s), 8 on this host." in printed and "| migu |" in printed
@@ -101,11 +101,12 @@ def test_script_on_a_mesh_matches_one_device(tiny_models, tmp_path, reference): 
   assert "mode" not in json.loads((out / "migu" / "seed_0" / "config.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def two_hosts(tiny_models, tmp_path_factory):  # noqa: F811
+@pytest.fixture(scope="session")
+def two_hosts(tiny_models, tmp_path_factory):
   """An uninterrupted run as two processes of 4 CPU devices: (output folder, outputs of the processes)."""
-  out = tmp_path_factory.mktemp("hosts")
-  return out, run_script(*_argv(tiny_models, out), processes=2, devices=4)
+  out, outputs = once_per_run(tmp_path_factory, "test_tpu.two_hosts",
+                              lambda out: (str(out), run_script(*_argv(tiny_models, out), processes=2, devices=4)))
+  return Path(out), outputs
 
 
 def test_script_as_two_hosts_matches_one_device(two_hosts, reference):
@@ -177,7 +178,7 @@ def _state(checkpoint_folder):
   return ocp.PyTreeCheckpointer().restore(checkpoint_folder / "state")
 
 
-def test_sigterm_stops_two_hosts_at_the_step_and_the_resume_is_bit_identical(tiny_models, tmp_path, two_hosts):  # noqa: F811
+def test_sigterm_stops_two_hosts_at_the_step_and_the_resume_is_bit_identical(tiny_models, tmp_path, two_hosts):
   # A preempted pod slice: SIGTERM on every host after step 1 of task 1. The resumed run gets SIGTERM on
   # process 1 alone after step 1 of task 2 (process 0 learns of it from the per-step all-gather). Each time
   # both processes save the checkpoint at that step together, say so and exit with 143 within 30 s. The
@@ -215,7 +216,7 @@ def test_sigterm_stops_two_hosts_at_the_step_and_the_resume_is_bit_identical(tin
     assert metas[0][key] == metas[1][key], key
 
 
-def test_model_axis_shards_kernels_and_matches(tiny_models, tmp_path, reference):  # noqa: F811
+def test_model_axis_shards_kernels_and_matches(tiny_models, tmp_path, reference):
   import jax
 
   from migu_jax.cl import methods, runner
@@ -237,7 +238,7 @@ def test_model_axis_shards_kernels_and_matches(tiny_models, tmp_path, reference)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(placed.fetch(params)), jax.tree.leaves(tree)))
 
 
-def test_fsdp_sharding_by_the_family_rules_matches(tiny_models, tmp_path, reference):  # noqa: F811
+def test_fsdp_sharding_by_the_family_rules_matches(tiny_models, tmp_path, reference):
   # Config.sharding="fsdp" on a (4, 2) mesh: BERT's rules split embed over data and heads/mlp over model.
   import jax
 
@@ -256,7 +257,7 @@ def test_fsdp_sharding_by_the_family_rules_matches(tiny_models, tmp_path, refere
     _config(tiny_models, tmp_path, sharding="fsdp")
 
 
-def test_resume_a_jit_run_on_a_mesh(tiny_models, tmp_path, reference):  # noqa: F811
+def test_resume_a_jit_run_on_a_mesh(tiny_models, tmp_path, reference):
   from migu_jax.cl import runner
 
   class Killed(Exception):
@@ -272,7 +273,7 @@ def test_resume_a_jit_run_on_a_mesh(tiny_models, tmp_path, reference):  # noqa: 
   _same_run(runner.run_sequence(cfg.replace(mode="mesh"), "migu", 0), reference)
 
 
-def test_mesh_settings_are_checked(tiny_models, tmp_path):  # noqa: F811
+def test_mesh_settings_are_checked(tiny_models, tmp_path):
   from migu_jax.cl import runner
 
   with pytest.raises(ValueError, match="expected 'jit'"):
