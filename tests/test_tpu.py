@@ -12,6 +12,7 @@ equals the uninterrupted two-process run's, bit for bit.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,7 +34,8 @@ def start_script(*args, processes=1, devices=8, script=None, env=None):
   """Starts the script as a fresh command (as on a pod host), ``processes`` of them with ``devices`` virtual CPU
   devices each, joined by jax.distributed on localhost when more than one; returns the processes. ``script``:
   Python source to run instead of the file (it runs the file itself); ``env``: more environment variables."""
-  env = {**os.environ, **(env or {}), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))  # the rest kept
+  env = {**os.environ, **(env or {}), "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
          "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
   if processes > 1:

@@ -53,23 +53,28 @@ def _texts():
 
 def build_tiny_models(root: Path) -> dict[str, str]:
   """Folders of tiny random models with tokenizers under ``root``: ``{"bert": ..., "llama": ..., "t5": ...}``."""
+  import jax
+  import jax.numpy as jnp
+
   from migu_jax.models import bert, llama, save_pretrained, t5
 
+  def save(name, model, tokenizer, *inputs):  # one compiled init (op by op, it compiles every initializer)
+    params = jax.jit(model.init)(jax.random.key(0), *inputs)["params"]
+    save_pretrained(model, params, root / name, tokenizer=tokenizer)
+    return str(root / name)
+
   texts = _texts()
-  out = {}
+  ids = jnp.ones((1, 2), jnp.int32)
   tok = _tokenizer(texts, "bert")
   cfg = bert.Config.of_size("tiny", vocab_size=len(tok), max_position_embeddings=32)
-  save_pretrained(bert.BertModel(cfg), bert.params.init_params(cfg), root / "bert", tokenizer=tok)
-  out["bert"] = str(root / "bert")
+  out = {"bert": save("bert", bert.BertModel(cfg), tok, ids)}
   lm_tok = _tokenizer(texts, "lm")
   eos = lm_tok.eos_token_id
   lcfg = llama.Config.of_size("tiny", vocab_size=len(lm_tok), num_hidden_layers=1, eos_token_id=eos,
-                             pad_token_id=0, bos_token_id=None)
-  save_pretrained(llama.LlamaForCausalLM(lcfg), llama.params.init_params(lcfg), root / "llama", tokenizer=lm_tok)
-  out["llama"] = str(root / "llama")
+                              pad_token_id=0, bos_token_id=None)
+  out["llama"] = save("llama", llama.LlamaForCausalLM(lcfg), lm_tok, ids)
   tcfg = t5.Config.of_size("tiny", vocab_size=len(lm_tok), num_layers=1, eos_token_id=eos, pad_token_id=0)
-  save_pretrained(t5.T5ForConditionalGeneration(tcfg), t5.params.init_params(tcfg), root / "t5", tokenizer=lm_tok)
-  out["t5"] = str(root / "t5")
+  out["t5"] = save("t5", t5.T5ForConditionalGeneration(tcfg), lm_tok, ids, None, ids)
   return out
 
 
