@@ -63,9 +63,11 @@ def test_padding_aware_magnitudes_equal_those_of_the_unpadded_rows(tiny_models, 
   trainable = {"model": params}
   method = methods.get_method("migu")
 
+  forwards = {aware: jax.jit(methods.make_forward(method, cfg.replace(padding_aware=aware), model))
+              for aware in (True, False)}  # compiled whole: op by op, the first calls compile every operation
+
   def mags(aware, *args):
-    forward = methods.make_forward(method, cfg.replace(padding_aware=aware), model)
-    return forward(trainable, *args)[1]["model"]
+    return forwards[aware](trainable, *args)[1]["model"]
 
   def inputs(rows, n=12):
     enc = (ids[rows, :n], mask[rows, :n])

@@ -144,8 +144,9 @@ def test_method_rate_specs_and_choice():
 def test_tuned_experiment_runs_methods_at_dev_chosen_and_fixed_rates(tiny_models, tmp_path):
   from migu_jax.cl import runner
 
+  # The sizes of test_cl_runner.py's language-model runs (the same programs compile once).
   cfg = tiny_config(tiny_models["llama"], tmp_path, methods=("seqft", "migu"), tune_rates=(1e-3, 3e-3),
-                    order="dbpedia,agnews",
+                    order="amazon,agnews", max_test=4, max_length=64, length_buckets=(64,),
                     learning_rate=1e-4, dev_per_class=1, eval_mode="generate", also_eval=("options",),
                     magnitude_batches=0)
   results = runner.run_experiment(cfg, plots=False)
