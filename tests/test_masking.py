@@ -262,7 +262,11 @@ def test_transformation_can_be_built_inside_jit():
     tx = migu.mask_by_magnitude(0.7)
     return _update(tx, grads, mags)[0]
 
-  update(grads, mags)
+  inside, outside = _flat(update(grads, mags)), _flat(_update(migu.mask_by_magnitude(0.7), grads, mags)[0])
+  assert inside.keys() == outside.keys()
+  for name, masked in inside.items():
+    np.testing.assert_allclose(masked, outside[name], err_msg=name)
+  assert (inside["head/kernel"] == 0).all(axis=0).any()  # some output features masked
 
 
 @pytest.mark.parametrize("shape", [(), (1,)])
