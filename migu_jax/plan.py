@@ -12,7 +12,7 @@ layouts differ, so keep a margin: the verdict uses 90% of the chip's memory).
 Example:
   >>> import jax
   >>> from migu_jax.models import llama
-  >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  >>> mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   >>> report = plan_train_step(llama.Config.of_size("tiny"), mesh, batch_size=8, seq_len=16)
   >>> report["argument_bytes"] > 0 and report["flops"] > 0
   True

@@ -75,13 +75,3 @@ def test_general_corpus_prefers_the_test_file(tmp_path):
   folder = _domain(tmp_path, "general/wiki", train_txt="t\n", test_txt="u\nv\n")
   corpus = text.load_corpus(folder)
   assert corpus.name == "general" and corpus.test == ("u", "v") and corpus.train == ()
-
-
-@pytest.mark.parametrize("module", ["migu_jax.cl.text", "migu_jax.cl.perplexity", "migu_jax.cl.end_tasks",
-                                    "migu_jax.cl.objectives", "migu_jax.models.bert.mlm"])
-def test_docstring_examples(module):
-  import doctest
-  import importlib
-
-  result = doctest.testmod(importlib.import_module(module))
-  assert result.attempted > 0 and result.failed == 0

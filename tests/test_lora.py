@@ -4,7 +4,6 @@ Compiles are what cost time on 2 cores: the tiny model is initialised once and
 every test reuses the same few jitted functions.
 """
 
-import doctest
 import functools
 
 import flax.linen as nn
@@ -69,11 +68,6 @@ def _migu_step(params, lp, batch):
 
 def _flat(tree):
   return traverse_util.flatten_dict(tree)
-
-
-def test_doctests():
-  failures, tried = doctest.testmod(lora)
-  assert tried > 0 and failures == 0
 
 
 def test_shapes_follow_dense_general_axes():

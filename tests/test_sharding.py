@@ -131,12 +131,3 @@ def test_fsdp_migu_step_equals_one_device(llama_case, shape):
 def test_state_specs_need_the_mesh_mode():
   with pytest.raises(ValueError, match="mode='mesh'"):
     migu.make_train_step(lambda p, b: (0.0, {}), optax.sgd(0.1), state_specs=lambda t: t)
-
-
-@pytest.mark.parametrize("module", ["bert", "llama", "t5"])
-def test_rule_tables_docstring_examples(module):
-  import doctest
-  import importlib
-
-  result = doctest.testmod(importlib.import_module(f"migu_jax.models.{module}.sharding"))
-  assert result.attempted > 0 and result.failed == 0

@@ -2,7 +2,6 @@
 calls; a URL keeps its scheme (pathlib would make ``gs://b`` the local folder ``gs:/b``). The runs of
 test_cl_runner.py and test_cl_resume.py write and resume through this code with local paths."""
 
-import doctest
 import json
 import warnings
 
@@ -10,11 +9,6 @@ import pytest
 from etils import epath
 
 from migu_jax.cl import atomic, faults, storage
-
-
-def test_docstring_examples():
-  result = doctest.testmod(storage)
-  assert result.attempted > 0 and result.failed == 0
 
 
 def test_local_writes_are_atomic_through_epath(tmp_path):

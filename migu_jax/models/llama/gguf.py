@@ -14,10 +14,12 @@ that :mod:`migu_jax.models.llama.params` maps as usual:
 GGUFReader's numpy arrays already have ggml's dimensions reversed
 (``ne = [in, out]`` -> array ``[out, in]``), which is HF's Linear layout.
 
-Example:
+Example (``from_gguf(path)`` returns ``(model, params, tokenizer)``; here the config and the tokenizer
+alone, which read no weights):
+  >>> from gguf import GGUFReader
   >>> from migu_jax.models.presets import smollm2_gguf_path
-  >>> model, params, tokenizer = from_gguf(smollm2_gguf_path())
-  >>> model.config.num_key_value_heads, tokenizer.eos_token
+  >>> reader = GGUFReader(smollm2_gguf_path())
+  >>> hf_config(reader)["num_key_value_heads"], tokenizer(reader).eos_token
   (3, '<|im_end|>')
 """
 
