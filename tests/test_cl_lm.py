@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from migu_jax.cl import objectives
+from tiny_cl import once_per_run
 
 WORDS = {"a": "cat dog bird fish horse mouse".split(), "b": "stock market price bank trade money".split()}
 
@@ -35,12 +36,15 @@ def _docs(words, n, rng):
   return "".join(" ".join(rng.choice(words, 12)) + "\n" for _ in range(n))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def text_data(tmp_path_factory):
   """Two domains of disjoint vocabularies (G/a, G/b), a general corpus, and a tiny random BERT folder."""
+  return Path(once_per_run(tmp_path_factory, "test_cl_lm.text_data", _write_text_data))
+
+
+def _write_text_data(root: Path) -> str:
   from migu_jax.models import bert, save_pretrained
 
-  root = tmp_path_factory.mktemp("text")
   rng = np.random.default_rng(0)
   for name, words in WORDS.items():
     (root / "G" / name).mkdir(parents=True)
@@ -57,7 +61,7 @@ def text_data(tmp_path_factory):
   tok = _tokenizer()
   cfg = bert.Config.of_size("tiny", vocab_size=len(tok), max_position_embeddings=32)
   save_pretrained(bert.BertModel(cfg), bert.params.init_params(cfg), root / "bert", tokenizer=tok)
-  return root
+  return str(root)
 
 
 def test_mlm_corruption_is_80_10_10_and_split_invariant():
@@ -180,22 +184,27 @@ def _cfg(data, out, **changes):
   return runner.Config(**values)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cli_run(text_data, tmp_path_factory):
   """The issue's command on two new text folders: ``(exit code, output folder, printed text)``."""
+  code, out, printed = once_per_run(tmp_path_factory, "test_cl_lm.cli_run", lambda out: _run_cli(text_data, out))
+  return code, Path(out), printed
+
+
+def _run_cli(text_data, out):
   import contextlib
   import io
 
   from migu_jax import cli
 
-  out, printed = tmp_path_factory.mktemp("cli_run"), io.StringIO()
+  printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
     code = cli.main(["run", "--model", str(text_data / "bert"), "--objective", "lm", "--data-dir", str(text_data),
                      "--order", "G/a,G/b", "--methods", "seqft,migu", "--seeds", "0", "--max-length", "16",
                      "--batch-size", "8", "--lr", "3e-3", "--output", str(out), "--general", str(text_data / "general"),
                      "--no-progress", "--no-plots", "--set", "max_test=None", "--set", "train_per_class=None",
                      "--set", "magnitude_batches=0"])
-  return code, out, printed.getvalue()
+  return code, str(out), printed.getvalue()
 
 
 def test_cli_run_writes_perplexity_matrix_and_training_lowers_it(cli_run):
