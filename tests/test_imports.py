@@ -1,4 +1,5 @@
-"""The package's import graph has no cycle, counting imports inside functions (which hide cycles at runtime)."""
+"""The package's import graph has no cycle, counting imports inside functions (which hide cycles at runtime); no
+test module imports another."""
 import ast
 from pathlib import Path
 
@@ -81,3 +82,19 @@ def test_migu_jax_has_no_import_cycle():
   cycle = find_cycle(import_graph())
   assert cycle is None, ("import cycle: " + " -> ".join(cycle) + ". Move what both modules need into a "
                          "lower module, or the higher-level function into a module above both.")
+
+
+def test_no_test_module_imports_another():
+  tests = Path(__file__).resolve().parent
+  modules = {path.stem for path in tests.glob("test_*.py")}
+  for path in sorted(tests.glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+      if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom) and not node.level:
+        names = [node.module or ""]
+      else:
+        continue
+      imported = sorted({name.split(".")[0] for name in names} & modules)
+      assert not imported, (f"{path.name} imports {imported}: shared fixtures belong in conftest.py, shared "
+                            "helpers in a helper module such as tiny_cl.py")
