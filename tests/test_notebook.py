@@ -31,7 +31,7 @@ def test_notebook_runs_at_a_small_setting(tmp_path):
   at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
   out = tmp_path / "out"
   nb.cells.insert(at + 1, nbformat.v4.new_code_cell(
-      f"TRAIN_PER_CLASS, MAX_TEST, MAX_LENGTH, BATCH_SIZE, MAGNITUDE_BATCHES = 4, 16, 32, 8, 1\n"
+      f"TRAIN_PER_CLASS, MAX_TEST, MAX_LENGTH, BATCH_SIZE, MAGNITUDE_BATCHES = 2, 8, 32, 8, 1\n"
       f"SHOW_FEATURES = 16\nOUTPUT_DIR = {str(out)!r}"))
   start = time.perf_counter()
   NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}}).execute()
