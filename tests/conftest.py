@@ -1,5 +1,6 @@
 """Test set-up: 8 virtual CPU devices, so pmap and mesh steps run on one CPU; one XLA compilation cache for
 the whole run; the shared fixtures."""
+import atexit
 import os
 import shutil
 import tempfile
@@ -19,11 +20,11 @@ os.environ["XLA_FLAGS"] = _with_flags(os.environ.get("XLA_FLAGS", ""), "--xla_fo
 # Many tests compile the same programs (the tiny models' steps and evaluations, in each test process and in
 # the scripts they start): a compilation cache shared by the run's processes compiles each once. It is set
 # before jax is imported, in the environment, so the pytest-xdist workers and the subprocesses inherit it;
-# the first process (the one that made it) removes it at the end.
-_OWN_CACHE = None
+# the first process (the one that made it) removes it when it exits.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _OWN_CACHE = tempfile.mkdtemp(prefix="migu-jax-tests-xla-cache-")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+  _cache = tempfile.mkdtemp(prefix="migu-jax-tests-xla-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
   os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))  # bounded: entries written under a lock
 
@@ -33,11 +34,6 @@ import pytest  # noqa: E402
 from tiny_cl import DATA, NO_DATA, build_tiny_models, once_per_run, resumable_config  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
-
-
-def pytest_unconfigure(config):
-  if _OWN_CACHE and not hasattr(config, "workerinput"):
-    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
