@@ -150,3 +150,23 @@ def test_cached_generation_equals_full_recompute(tmp_path):
                                        eos_token_id=first, pad_token_id=99))
   row = list(stopped[0])
   assert row[row.index(first) + 1:] == [99] * (6 - row.index(first))
+
+
+def test_options_scored_through_their_prefix_tree_equal_full_forwards(tmp_path):
+  from migu_jax.models.generation import option_log_likelihoods
+
+  hf = _tiny_hf(True, seed=3)
+  hf.save_pretrained(tmp_path)
+  model, params, _ = from_pretrained(str(tmp_path))
+  prompts = [[7, 8, 9, 10], [11, 12]]  # the second left-padded to 4
+  ids = np.array([[7, 8, 9, 10], [0, 0, 11, 12]])
+  mask = np.array([[1, 1, 1, 1], [0, 0, 1, 1]], np.int32)
+  options = [[5, 6], [5, 7], [8], [5, 6, 9]]  # shared prefixes, different lengths
+  option_ids = np.array([o + [0] * (3 - len(o)) for o in options])
+  option_mask = np.array([[1] * len(o) + [0] * (3 - len(o)) for o in options], np.int32)
+  scores = np.asarray(option_log_likelihoods(model, params, ids, mask, option_ids, option_mask))
+  for b, prompt in enumerate(prompts):
+    for k, option in enumerate(options):  # by hand: PyTorch's full forward over prompt + option
+      logp = torch.log_softmax(torch.tensor(_torch_logits(hf, [prompt + option])[0]), -1)
+      expected = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(option))
+      assert scores[b, k] == pytest.approx(expected, abs=1e-4), (b, k)

@@ -19,9 +19,11 @@ Example:
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _eos_ids(eos_token_id):
@@ -159,43 +161,120 @@ def _token_logp(logits, targets):
   return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+class OptionTree(NamedTuple):
+  """A task's options as a prefix tree, for scoring them all in one pass (numpy arrays).
+
+  Node 0 is the root (the prompt's last token); nodes ``1..N`` are the
+  distinct option prefixes, each ending in one token.
+
+  Attributes:
+    tokens: ``[N]`` the token of each node ``1..N``.
+    depth: ``[N + 1]`` tokens after the root (root 0).
+    visible: ``[N + 1, N + 1]`` node ``i`` attends to node ``j``: ``j`` is
+      ``i`` or one of its ancestors.
+    predictors: ``[M]`` the nodes with children, whose logits are needed.
+    at: ``[K, L]`` for option ``k``'s token ``l``: the index into
+      ``predictors`` of the node whose logits predict it (its parent).
+    targets: ``[K, L]`` the options' tokens (right-padded).
+    keep: ``[K, L]`` 1.0 on real tokens.
+  """
+
+  tokens: np.ndarray
+  depth: np.ndarray
+  visible: np.ndarray
+  predictors: np.ndarray
+  at: np.ndarray
+  targets: np.ndarray
+  keep: np.ndarray
+
+
+def option_tree(options) -> OptionTree:
+  """The prefix tree of ``options`` (token-id lists): options that share a prefix share its nodes.
+
+  Example:
+    >>> t = option_tree([[5, 6], [5, 7], [8]])
+    >>> t.tokens.tolist(), t.depth.tolist(), t.predictors.tolist()
+    ([5, 6, 7, 8], [0, 1, 2, 2, 1], [0, 1])
+    >>> t.at.tolist(), t.keep.tolist()
+    ([[0, 1], [0, 1], [0, 0]], [[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+  """
+  options = [list(map(int, o)) for o in options]
+  if not options or not all(options):
+    raise ValueError("option_tree: every option needs at least one token; got an empty option list or option.")
+  node_of: dict[tuple, int] = {(): 0}
+  parent, tokens = [0], []
+  for option in options:
+    for l in range(1, len(option) + 1):
+      if tuple(option[:l]) not in node_of:
+        node_of[tuple(option[:l])] = len(parent)
+        parent.append(node_of[tuple(option[:l - 1])])
+        tokens.append(option[l - 1])
+  n = len(parent)
+  depth = np.zeros(n, np.int32)
+  visible = np.eye(n, dtype=bool)
+  for i in range(1, n):
+    depth[i] = depth[parent[i]] + 1
+    visible[i] |= visible[parent[i]]
+  predictors = np.array(sorted(set(parent[1:])), np.int32)
+  slot = {int(node): m for m, node in enumerate(predictors)}
+  width = max(map(len, options))
+  at, targets = np.zeros((len(options), width), np.int32), np.zeros((len(options), width), np.int32)
+  keep = np.zeros((len(options), width), np.float32)
+  for k, option in enumerate(options):
+    for l, token in enumerate(option):
+      at[k, l], targets[k, l], keep[k, l] = slot[node_of[tuple(option[:l])]], token, 1.0
+  return OptionTree(np.array(tokens, np.int32), depth, visible, predictors, at, targets, keep)
+
+
 def option_log_likelihoods(model, params, prompt_ids, prompt_mask, option_ids, option_mask):
   """Total log-likelihood of each option after each prompt; each prompt runs once.
 
   Llama: one pass over the prompts (all but their last token) fills a
-  key/value cache; then each option runs from that cache over its own few
-  tokens (the prompt's last token, then the option's), with ``lax.map`` over
-  the options, so the cache is not copied per option.
+  key/value cache; then one pass over the options' prefix tree
+  (:func:`option_tree`: the prompt's last token, then every distinct option
+  prefix once, each attending to the prompt and to its own ancestors) gives
+  every option token's log-probability. So options that share a prefix share
+  its computation, padding adds nothing, and the weights are read once for
+  all options, not once per option.
 
   Args:
     model: a :class:`migu_jax.models.llama.LlamaForCausalLM`.
     params: its ``params``.
     prompt_ids, prompt_mask: ``[B, T]`` prompts, left-padded (``T >= 2``).
-    option_ids, option_mask: ``[K, L]`` the options' tokens, right-padded; the
-      same options for every prompt.
+    option_ids, option_mask: ``[K, L]`` the options' tokens, right-padded
+      (concrete arrays: the tree is built on the host); the same options for
+      every prompt.
 
   Returns:
     ``[B, K]``: ``sum_j log p(option_j | prompt, option_<j)`` over each
     option's real tokens, in float32.
   """
+  ids, keep = np.asarray(option_ids), np.asarray(option_mask).astype(bool)
+  tree = option_tree([row[m] for row, m in zip(ids, keep)])
+  return _tree_log_likelihoods(model, params, prompt_ids, prompt_mask, *map(jnp.asarray, tree))
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _tree_log_likelihoods(model, params, prompt_ids, prompt_mask, tokens, depth, visible, predictors, at, targets,
+                          keep):
   from migu_jax.models.llama.modeling import init_cache
   b, t = prompt_ids.shape
-  length = option_ids.shape[1]
+  n = depth.shape[0]
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
-  mask = jnp.concatenate([prompt_mask[:, :-1], jnp.ones((b, length), prompt_mask.dtype)], 1)
-  cache = init_cache(model.config, b, t - 1 + length)
-  _, cache = model.apply({"params": params}, prompt_ids[:, :-1], mask, positions[:, :-1], cache, 0,
+  buffer_mask = jnp.concatenate([prompt_mask[:, :-1], jnp.ones((b, n), prompt_mask.dtype)], 1)
+  cache = init_cache(model.config, b, t - 1 + n)
+  _, cache = model.apply({"params": params}, prompt_ids[:, :-1], buffer_mask, positions[:, :-1], cache, 0,
                          method="hidden_states")
-  option_positions = positions[:, -1:] + jnp.arange(length)
-
-  def score(option):
-    ids, keep = option
-    inputs = jnp.concatenate([prompt_ids[:, -1:], jnp.broadcast_to(ids[None, :-1], (b, length - 1))], 1)
-    logits, _ = model.apply({"params": params}, inputs, mask, option_positions, cache, t - 1)
-    return (_token_logp(logits, jnp.broadcast_to(ids, (b, length))) * keep).sum(-1)
-
-  return jax.lax.map(score, (option_ids, option_mask.astype(jnp.float32))).T
+  inputs = jnp.concatenate([prompt_ids[:, -1:], jnp.broadcast_to(tokens[None], (b, n - 1))], 1)
+  # Each tree node sees the prompt (not its padding) and its own ancestors.
+  sees_prompt = jnp.broadcast_to(prompt_mask[:, None, :-1].astype(bool), (b, n, t - 1))
+  mask = jnp.concatenate([sees_prompt, jnp.broadcast_to(visible[None], (b, n, n))], 2)
+  hidden, _ = model.apply({"params": params}, inputs, mask, positions[:, -1:] + depth[None], cache, t - 1,
+                          method="hidden_states")
+  logits = model.apply({"params": params}, hidden[:, predictors], method="logits")
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, M, V]
+  picked = logp[:, at, targets]  # [B, K, L]
+  return (picked * keep).sum(-1)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

@@ -250,7 +250,9 @@ class LlamaForCausalLM(nn.Module):
   Incremental decoding: pass ``cache=init_cache(config, B, S)`` and
   ``cache_index`` (where ``input_ids`` start in the buffer); then
   ``attention_mask`` is ``[B, S]`` over the whole buffer and the call returns
-  ``(logits, new_cache)``.
+  ``(logits, new_cache)``. A ``[B, T, S]`` ``attention_mask`` is taken as
+  the attention pattern itself (query t sees key s where true), for layouts
+  that are not causal, such as a prefix tree of answer options.
 
   ``deterministic=False`` turns attention dropout on (training); it then needs
   a "dropout" rng: ``model.apply(v, ids, deterministic=False, rngs={"dropout": key})``.
@@ -276,7 +278,10 @@ class LlamaForCausalLM(nn.Module):
     if position_ids is None:
       position_ids = jnp.broadcast_to(cache_index + jnp.arange(t), input_ids.shape)
     cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta)
-    mask = causal_mask(attention_mask, t, cache_index if cache is not None else 0)
+    if attention_mask.ndim == 3:  # an explicit [B, T, S] mask (e.g. a prefix tree of options)
+      mask = attention_mask.astype(bool)
+    else:
+      mask = causal_mask(attention_mask, t, cache_index if cache is not None else 0)
     x = self.embed(input_ids)
     new_cache = []
     for i, layer in enumerate(self.layers):
@@ -291,5 +296,9 @@ class LlamaForCausalLM(nn.Module):
     out = self.hidden_states(input_ids, attention_mask, position_ids, cache, cache_index,
                              deterministic=deterministic)
     x, cache = (out, None) if cache is None else out
-    logits = self.embed.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
+    logits = self.logits(x)
     return logits if cache is None else (logits, cache)
+
+  def logits(self, hidden):
+    """The language-model head over final hidden states (the tied embedding or ``lm_head``)."""
+    return self.embed.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
