@@ -487,8 +487,10 @@ def _save_npz(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 Callback = Callable[[str, dict], None]
-"""``callback(event, info)``: events ``"step"`` (after each train step), ``"saved"`` (after each checkpoint),
-``"task_done"`` (after each task's evaluation)."""
+"""``callback(event, info)``: events ``"initial"`` (before the initial evaluation; ``info["params"]``: the
+model's plain parameters), ``"step"`` (after each train step), ``"saved"`` (after each checkpoint),
+``"trained"`` (after a task's last step, with ``"task"`` and ``"params"``), ``"task_done"`` (after each
+task's evaluation, with its ``"row"``)."""
 
 
 _CACHE: dict[tuple, Any] = {}
@@ -684,132 +686,246 @@ def run_sequence(cfg: Config, method_name: str, seed: int, *, callbacks: Sequenc
     return _train_sequence(cfg, method_name, seed, checkpoints, callbacks)
 
 
-def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_lib.RunCheckpoints,
-                    callbacks: Sequence[Callback]) -> dict:
-  """The body of :func:`run_sequence`, inside its guards (lock, stop signals, open checkpoints)."""
-  method = methods_lib.get_method(method_name)
-  cfg = methods_lib.method_config(cfg, method_name)
-  folder = run_folder(cfg, method_name, seed)
-  folder.mkdir(parents=True, exist_ok=True)
-  identity = _identity(cfg, method_name, seed)
+@dataclasses.dataclass
+class RunState:
+  """Where a run stands and what it has measured: the JSON ``meta`` saved with each checkpoint's arrays.
 
-  tasks = load_tasks(cfg, seed)
-  general = load_general(cfg, seed)
-  model, model_params, _ = run_model(cfg)
-  head = _head(cfg, tasks)
-  warning = heads_lib.rate_warning(head, cfg.schedule, cfg.learning_rate)
-  if warning and is_writer():
-    warnings.warn(f"{method_name} seed {seed}: {warning}", stacklevel=2)
-  key = jax.random.key(seed)
-  head_key, lora_key = jax.random.split(jax.random.fold_in(key, 1))
-  params = cast_floats(methods_lib.init_params(method, cfg, model_params, head.init(head_key), lora_key),
-                       cfg.param_dtype)
-  tx, step_fn, placed = _step_and_placement(cfg, method, seed, head)
-  params = placed.place(params)
-  opt_state = placed.place(methods_lib.start_task(method, cfg, tx, params, 0))
+  ``task``/``step`` name the next train step. ``rows[i]``: every task's accuracy (or perplexity) after
+  task ``i``; ``initial``: the model's before any; ``also``: the same in other evaluation modes;
+  ``general``: the general corpus' perplexity at each stage; ``losses[i]``: task ``i``'s step losses;
+  ``speed``: tokens and seconds (see :func:`_count_step`).
+  """
 
-  meta = {"identity": identity, "task": 0, "step": 0, "initial": None, "rows": [], "train_s": [],
-          "eval_s": [], "initial_eval_s": 0.0, "steps": [], "losses": [], "also": {},
-          "metric": getattr(head, "metric", "accuracy"), "general": []}
-  restored = checkpoints.restore({"params": params, "opt_state": opt_state, "key": key},
-                                 check_meta=lambda saved: _check_identity(saved["identity"], identity,
-                                                                          checkpoints.folder))
-  if restored is not None:
-    state, meta = restored
-    params, opt_state = placed.place(state["params"]), placed.place(state["opt_state"])
-  if is_writer():
-    atomic.write_json(folder / "config.json", identity)
+  identity: dict
+  task: int = 0
+  step: int = 0
+  metric: str = "accuracy"
+  initial: list | None = None
+  rows: list = dataclasses.field(default_factory=list)
+  also: dict = dataclasses.field(default_factory=dict)
+  general: list = dataclasses.field(default_factory=list)
+  losses: list = dataclasses.field(default_factory=list)
+  steps: list = dataclasses.field(default_factory=list)
+  train_s: list = dataclasses.field(default_factory=list)
+  eval_s: list = dataclasses.field(default_factory=list)
+  initial_eval_s: float = 0.0
+  speed: dict = dataclasses.field(default_factory=lambda: {"train_tokens": 0, "train_step_s": 0.0, "compile_s": 0.0})
+  end_tasks: dict | None = None
+  params_sha256: str | None = None
 
-  def save():  # every process calls it (orbax coordinates a multi-process save)
-    number = checkpoints.save({"params": placed.fetch(params), "opt_state": placed.fetch(opt_state),
-                               "key": key}, meta)
-    for cb in callbacks:
-      cb("saved", {"checkpoint": number, "task": meta["task"], "step": meta["step"]})
-    signum = faults.stop_requested()  # every save is a place to stop at (but the last: the run is done)
-    if signum and meta["task"] < len(tasks):
-      where = (f"{method_name} seed {seed}, task {meta['task'] + 1} of {len(tasks)} ({tasks[meta['task']].name}), "
-               f"step {meta['step']}")
-      raise faults.preempted(signum, where, number, checkpoints.folder)
+  @classmethod
+  def from_meta(cls, meta: dict) -> "RunState":
+    """A checkpoint's meta; keys an older version did not write take their defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in meta.items() if k in names})
 
-  if meta["initial"] is None:
-    plain = methods_lib.eval_params(method, cfg, placed.for_eval(params))
-    initial_mags = storage.output_path(cfg.output_dir) / "magnitudes_initial.npz"
-    # The paper's Figure 1: the same for every method.
-    if cfg.magnitude_batches and is_writer() and not initial_mags.exists():
-      _save_npz(initial_mags, {f"{j}:{name}": v for j, t in enumerate(tasks) for name, v in capture_magnitudes(
-          head, plain, [(j, r) for r in t.train], cfg, seed, cfg.magnitude_batches).items()})
+  def to_meta(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def magnitude_capture(cfg: Config, head: heads_lib.Head, tasks: Sequence[Task], seed: int,
+                      folder: epath.Path) -> Callback:
+  """The callback that writes the statistics behind the paper's Figure 1: on ``"initial"``, every task's
+  (``<output>/magnitudes_initial.npz``, the same for every method, written once); on ``"trained"``, the task
+  just trained (``<run>/magnitudes_task_<t>.npz``)."""
+
+  def capture(event: str, info: dict) -> None:
+    if event == "initial":
+      path = storage.output_path(cfg.output_dir) / "magnitudes_initial.npz"
+      if not path.exists():
+        _save_npz(path, {f"{j}:{name}": v for j, t in enumerate(tasks) for name, v in capture_magnitudes(
+            head, info["params"], [(j, r) for r in t.train], cfg, seed, cfg.magnitude_batches).items()})
+    elif event == "trained":
+      t = info["task"]
+      _save_npz(folder / f"magnitudes_task_{t}.npz", capture_magnitudes(
+          head, info["params"], [(t, r) for r in tasks[t].train], cfg, seed, cfg.magnitude_batches))
+
+  return capture
+
+
+@dataclasses.dataclass
+class _Run:
+  """One run of a method and seed: its fixed parts, its arrays (``params``, ``opt_state``) and its
+  :class:`RunState`, with the stages :func:`_train_sequence` runs in order."""
+
+  cfg: Config
+  name: str
+  seed: int
+  method: methods_lib.Method
+  tasks: list
+  general: Any
+  head: heads_lib.Head
+  tx: Any
+  step_fn: Any
+  placed: Placement
+  checkpoints: ckpt_lib.RunCheckpoints
+  callbacks: tuple
+  key: jax.Array
+  params: Any
+  opt_state: Any
+  state: RunState
+
+  @classmethod
+  def start(cls, cfg: Config, name: str, seed: int, checkpoints, callbacks) -> "_Run":
+    """Loads data, model and head, builds the step, and restores the newest readable checkpoint."""
+    method = methods_lib.get_method(name)
+    cfg = methods_lib.method_config(cfg, name)
+    folder = run_folder(cfg, name, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    identity = _identity(cfg, name, seed)
+    tasks, general = load_tasks(cfg, seed), load_general(cfg, seed)
+    _, model_params, _ = run_model(cfg)
+    head = _head(cfg, tasks)
+    warning = heads_lib.rate_warning(head, cfg.schedule, cfg.learning_rate)
+    if warning and is_writer():
+      warnings.warn(f"{name} seed {seed}: {warning}", stacklevel=4)
+    key = jax.random.key(seed)
+    head_key, lora_key = jax.random.split(jax.random.fold_in(key, 1))
+    params = cast_floats(methods_lib.init_params(method, cfg, model_params, head.init(head_key), lora_key),
+                         cfg.param_dtype)
+    tx, step_fn, placed = _step_and_placement(cfg, method, seed, head)
+    params = placed.place(params)
+    opt_state = placed.place(methods_lib.start_task(method, cfg, tx, params, 0))
+    state = RunState(identity, metric=getattr(head, "metric", "accuracy"))
+    restored = checkpoints.restore({"params": params, "opt_state": opt_state, "key": key},
+                                   check_meta=lambda saved: _check_identity(saved["identity"], identity,
+                                                                            checkpoints.folder))
+    if restored is not None:
+      arrays, meta = restored
+      params, opt_state, state = placed.place(arrays["params"]), placed.place(arrays["opt_state"]), \
+          RunState.from_meta(meta)
+    if is_writer():
+      atomic.write_json(folder / "config.json", identity)
+    if cfg.magnitude_batches and is_writer():
+      callbacks = (magnitude_capture(cfg, head, tasks, seed, folder), *callbacks)
+    return cls(cfg, name, seed, method, tasks, general, head, tx, step_fn, placed, checkpoints, tuple(callbacks),
+               key, params, opt_state, state)
+
+  def notify(self, event: str, info: dict) -> None:
+    for cb in self.callbacks:
+      cb(event, info)
+
+  def eval_params(self):
+    """Plain ``{"model", "head"}`` parameters on this process' first device (LoRA merged)."""
+    return methods_lib.eval_params(self.method, self.cfg, self.placed.for_eval(self.params))
+
+  def where(self) -> str:
+    s = self.state
+    return (f"{self.name} seed {self.seed}, task {s.task + 1} of {len(self.tasks)} ({self.tasks[s.task].name}), "
+            f"step {s.step}")
+
+  def save(self) -> None:
+    """A checkpoint at the current position (every process calls it: orbax coordinates a multi-process
+    save); a pending stop request ends the run here, unless it is complete."""
+    number = self.checkpoints.save({"params": self.placed.fetch(self.params),
+                                    "opt_state": self.placed.fetch(self.opt_state), "key": self.key},
+                                   self.state.to_meta())
+    self.notify("saved", {"checkpoint": number, "task": self.state.task, "step": self.state.step})
+    signum = faults.stop_requested()
+    if signum and self.state.task < len(self.tasks):
+      raise faults.preempted(signum, self.where(), number, self.checkpoints.folder)
+
+  def evaluate_initial(self) -> None:
+    """The initial model's row (the reference point of FWT), in every evaluation mode, and the general
+    corpus' perplexity; then a checkpoint."""
+    cfg, s, plain = self.cfg, self.state, self.eval_params()
+    self.notify("initial", {"params": plain})
     start = time.perf_counter()
-    meta["initial"] = _initial_accuracies(cfg, seed, head, plain, tasks)
-    meta["also"] = {m: {"initial": _initial_accuracies(cfg, seed, head, plain, tasks, mode=m), "rows": []}
-                    for m in cfg.also_eval}
-    meta["general"] = _general_row(cfg, head, plain, general, "initial model")
-    meta["initial_eval_s"] = time.perf_counter() - start
-    save()
+    s.initial = _initial_accuracies(cfg, self.seed, self.head, plain, self.tasks)
+    s.also = {m: {"initial": _initial_accuracies(cfg, self.seed, self.head, plain, self.tasks, mode=m), "rows": []}
+              for m in cfg.also_eval}
+    s.general = _general_row(cfg, self.head, plain, self.general, "initial model")
+    s.initial_eval_s = time.perf_counter() - start
+    self.save()
 
-  speed = meta.setdefault("speed", {"train_tokens": 0, "train_step_s": 0.0, "compile_s": 0.0})
-  for t in range(meta["task"], len(tasks)):
-    examples = methods_lib.training_examples(method, cfg, tasks, t, seed)
-    total = methods_lib.steps_per_epoch(len(examples), cfg.batch_size) * methods_lib.task_epochs(cfg, tasks[t].name)
-    if meta["step"] == 0:
-      opt_state = placed.place(methods_lib.start_task(method, cfg, tx, params, t, opt_state))
-      meta["losses"].append([])
+  def train_task(self, t: int) -> None:
+    """Task ``t``'s steps from ``state.step`` on (the optimizer reset at its start), checkpoints every
+    ``checkpoint_every`` steps and where a stop was requested."""
+    cfg, s = self.cfg, self.state
+    examples = methods_lib.training_examples(self.method, cfg, self.tasks, t, self.seed)
+    total = methods_lib.steps_per_epoch(len(examples), cfg.batch_size) * methods_lib.task_epochs(
+        cfg, self.tasks[t].name)
+    if s.step == 0:
+      self.opt_state = self.placed.place(methods_lib.start_task(self.method, cfg, self.tx, self.params, t,
+                                                                self.opt_state))
+      s.losses.append([])
     start = time.perf_counter()
-    desc = f"{method_name} seed {seed} task {t + 1}/{len(tasks)} {tasks[t].name}"
-    with _bar(cfg, total=total, initial=meta["step"], desc=desc, unit="step") as bar:
-      for k in range(meta["step"], total):
-        idx = methods_lib.batch_indices(len(examples), cfg.batch_size, seed, t, k)
-        batch = head.train_batch([examples[i] for i in idx])
-        step_key = jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, t + 2), k))
-        batch["rng"] = np.broadcast_to(np.asarray(step_key), (cfg.batch_size, *step_key.shape))
-        # Every process pads the whole batch (one padded length everywhere) and feeds its own rows.
-        compiles, step_start = _compiles(step_fn, batch), time.perf_counter()
-        params, opt_state, loss = step_fn(params, opt_state, placed.local_rows(batch))
-        loss = float(loss)
-        _count_step(speed, batch, time.perf_counter() - step_start, compiles)
+    desc = f"{self.name} seed {self.seed} task {t + 1}/{len(self.tasks)} {self.tasks[t].name}"
+    with _bar(cfg, total=total, initial=s.step, desc=desc, unit="step") as bar:
+      for k in range(s.step, total):
+        loss = self.train_step(t, k, [examples[i] for i in methods_lib.batch_indices(
+            len(examples), cfg.batch_size, self.seed, t, k)])
         if not np.isfinite(loss):
           raise FloatingPointError(f"{desc}, step {k}: the loss is {loss}. Lower learning_rate or check the data.")
-        meta["losses"][t].append(loss)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed['train_tokens'] / max(speed['train_step_s'], 1e-9):.0f}")
+        s.losses[t].append(loss)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{s.speed['train_tokens'] / max(s.speed['train_step_s'], 1e-9):.0f}")
         bar.update(1)
-        for cb in callbacks:
-          cb("step", {"task": t, "step": k, "loss": loss})
-        meta["step"] = k + 1
-        if (meta["step"] % cfg.checkpoint_every == 0 and meta["step"] < total) or faults.stop_requested():
-          meta["train_s"] = _add_time(meta["train_s"], t, time.perf_counter() - start)
+        self.notify("step", {"task": t, "step": k, "loss": loss})
+        s.step = k + 1
+        if (s.step % cfg.checkpoint_every == 0 and s.step < total) or faults.stop_requested():
+          s.train_s = _add_time(s.train_s, t, time.perf_counter() - start)
           start = time.perf_counter()
-          save()
-    meta["train_s"] = _add_time(meta["train_s"], t, time.perf_counter() - start)
+          self.save()
+    s.train_s = _add_time(s.train_s, t, time.perf_counter() - start)
+    s.steps.append(total)
 
-    plain = methods_lib.eval_params(method, cfg, placed.for_eval(params))
-    if cfg.magnitude_batches and is_writer():
-      _save_npz(folder / f"magnitudes_task_{t}.npz", capture_magnitudes(
-          head, plain, [(t, r) for r in tasks[t].train], cfg, seed, cfg.magnitude_batches))
+  def train_step(self, t: int, k: int, examples: list) -> float:
+    """Step ``k`` of task ``t`` on ``examples``; returns its loss (timed into ``state.speed``)."""
+    batch = self.head.train_batch(examples)
+    step_key = jax.random.key_data(jax.random.fold_in(jax.random.fold_in(self.key, t + 2), k))
+    batch["rng"] = np.broadcast_to(np.asarray(step_key), (self.cfg.batch_size, *step_key.shape))
+    # Every process pads the whole batch (one padded length everywhere) and feeds its own rows.
+    compiles, start = _compiles(self.step_fn, batch), time.perf_counter()
+    self.params, self.opt_state, loss = self.step_fn(self.params, self.opt_state, self.placed.local_rows(batch))
+    loss = float(loss)
+    _count_step(self.state.speed, batch, time.perf_counter() - start, compiles)
+    return loss
+
+  def evaluate_after(self, t: int) -> None:
+    """Every task's row after task ``t`` (and the other modes', the general corpus'); then a checkpoint at
+    the next task's start."""
+    cfg, s, plain = self.cfg, self.state, self.eval_params()
+    self.notify("trained", {"task": t, "params": plain})
     start = time.perf_counter()
-    meta["rows"].append(evaluate(head, plain, tasks, cfg=cfg, desc=f"eval after {tasks[t].name}", speed=speed))
-    meta["general"] = meta.get("general", []) + _general_row(cfg, head, plain, general, tasks[t].name)
+    after = self.tasks[t].name
+    s.rows.append(evaluate(self.head, plain, self.tasks, cfg=cfg, desc=f"eval after {after}", speed=s.speed))
+    s.general = s.general + _general_row(cfg, self.head, plain, self.general, after)
     for m in cfg.also_eval:
-      meta["also"][m]["rows"].append(evaluate(head, plain, tasks, cfg=cfg, mode=m,
-                                              desc=f"eval ({m}) after {tasks[t].name}"))
-    meta["eval_s"].append(time.perf_counter() - start)
-    meta["steps"].append(total)
-    meta["task"], meta["step"] = t + 1, 0
-    save()
+      s.also[m]["rows"].append(evaluate(self.head, plain, self.tasks, cfg=cfg, mode=m, desc=f"eval ({m}) after {after}"))
+    s.eval_s.append(time.perf_counter() - start)
+    s.task, s.step = t + 1, 0
+    self.save()
     if cfg.progress and is_writer():
       from tqdm.auto import tqdm
-      value = (lambda a: f"{a:.2f}") if meta.get("metric") == "perplexity" else (lambda a: f"{100 * a:.1f}")
-      tqdm.write(f"{method_name} seed {seed} after {tasks[t].name}: " + ", ".join(
-          f"{task.name} {value(a)}" for task, a in zip(tasks, meta["rows"][-1])))
-    for cb in callbacks:
-      cb("task_done", {"task": t, "row": meta["rows"][-1]})
+      value = (lambda a: f"{a:.2f}") if s.metric == "perplexity" else (lambda a: f"{100 * a:.1f}")
+      tqdm.write(f"{self.name} seed {self.seed} after {after}: " + ", ".join(
+          f"{task.name} {value(a)}" for task, a in zip(self.tasks, s.rows[-1])))
+    self.notify("task_done", {"task": t, "row": s.rows[-1]})
 
-  if cfg.objective == "lm" and cfg.end_tasks and "end_tasks" not in meta:
-    final = methods_lib.eval_params(method, cfg, placed.fetch(params))["model"]  # LoRA merged
-    meta["end_tasks"] = run_end_tasks(cfg, final, seed, [t.name for t in tasks])
-  meta["params_sha256"] = params_digest(placed.fetch(params))
-  result = report_lib.run_result(method_name, seed, tasks, meta, head.eval_mode)
-  if is_writer():
-    atomic.write_json(folder / "result.json", result)
-  return result
+  def finish(self) -> dict:
+    """The DAS end tasks of a text-domain run, the parameters' digest, and ``result.json``."""
+    cfg, s = self.cfg, self.state
+    if cfg.objective == "lm" and cfg.end_tasks and s.end_tasks is None:
+      final = methods_lib.eval_params(self.method, cfg, self.placed.fetch(self.params))["model"]  # LoRA merged
+      s.end_tasks = run_end_tasks(cfg, final, self.seed, [t.name for t in self.tasks])
+    s.params_sha256 = params_digest(self.placed.fetch(self.params))
+    result = report_lib.run_result(self.name, self.seed, self.tasks, s.to_meta(), self.head.eval_mode)
+    if is_writer():
+      atomic.write_json(run_folder(cfg, self.name, self.seed) / "result.json", result)
+    return result
+
+
+def _train_sequence(cfg: Config, method_name: str, seed: int, checkpoints: ckpt_lib.RunCheckpoints,
+                    callbacks: Sequence[Callback]) -> dict:
+  """The body of :func:`run_sequence`, inside its guards (lock, stop signals, open checkpoints): the
+  stages of :class:`_Run` in order, each resumable."""
+  run = _Run.start(cfg, method_name, seed, checkpoints, callbacks)
+  if run.state.initial is None:
+    run.evaluate_initial()
+  for t in range(run.state.task, len(run.tasks)):
+    run.train_task(t)
+    run.evaluate_after(t)
+  return run.finish()
 
 
 def run_end_tasks(cfg: Config, model_params: dict, seed: int, domains: Sequence[str]) -> dict[str, dict]:
