@@ -61,6 +61,25 @@ class TrainStep:
     return self.compiled(params, opt_state, self.place_batch(batch))
 
 
+def fetch_global(tree):
+  """Host (numpy) values of a placed pytree, the same on every process: a leaf split over processes is
+  gathered; typed PRNG keys stay keys (made from their gathered key data)."""
+  from jax.experimental import multihost_utils
+
+  def leaf(x):
+    if not isinstance(x, jax.Array):
+      return np.asarray(x)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(leaf(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    if x.is_fully_addressable:
+      return np.asarray(x)
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(leaf, tree)
+
+
 def accumulate_gradients(loss_fn: LossFn, params, batch, micro_batches: int):
   """``((loss, magnitudes), grads)`` of a batch, in ``micro_batches`` pieces.
 
@@ -221,9 +240,6 @@ def make_train_step(
         return jax.device_put(copy(tree), replicated)
       return sharding.place(copy(tree), mesh, state_specs(tree))
 
-    def fetch(tree):
-      return jax.tree.map(np.asarray, tree)
-
-    return TrainStep(jax.jit(train_step, donate_argnums=donate_argnums), place_state, place_batch, fetch)
+    return TrainStep(jax.jit(train_step, donate_argnums=donate_argnums), place_state, place_batch, fetch_global)
 
   raise ValueError(f"make_train_step: mode={mode!r}; expected 'jit', 'pmap' or 'mesh'.")

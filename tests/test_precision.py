@@ -52,7 +52,7 @@ def test_runner_precision_settings(tiny_models, tmp_path):
   model_params = runner.run_model(cfg)[1]
   params = runner.cast_floats(methods.init_params(method, cfg, model_params, head.init(jax.random.key(0)), None),
                               cfg.param_dtype)
-  tx, step = runner._train_step(cfg, method, 0, head)
+  tx, step, _ = runner._step_and_placement(cfg, method, 0, head)
   batch = head.train_batch([(0, r) for r in tasks[0].train[:cfg.batch_size]])
   batch["rng"] = np.broadcast_to(np.asarray(jax.random.key_data(jax.random.key(1))), (len(batch["ids"]), 2))
   new, state, loss = step(step.place_state(params), step.place_state(tx.init(params)), batch)

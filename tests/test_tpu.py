@@ -228,9 +228,8 @@ def test_model_axis_shards_kernels_and_matches(tiny_models, tmp_path, reference)
   run = runner.run_sequence(cfg, "migu", 0)
   _same_run(run, reference)
   head = runner._head(cfg, runner.load_tasks(cfg, 0))
-  _, step = runner._train_step(cfg, methods.get_method("migu"), 0, head)
+  _, step, placed = runner._step_and_placement(cfg, methods.get_method("migu"), 0, head)
   assert step.compiled._cache_size() == 1  # the sharded state's layout is stable across steps and tasks
-  placed = runner._placement(cfg, step)
   tree = {"kernel": np.ones((4, 6), np.float32), "bias": np.ones(6, np.float32),
           "odd": np.ones((4, 5), np.float32), "scale": np.float32(1)}
   params = placed.place(tree)
@@ -249,9 +248,8 @@ def test_fsdp_sharding_by_the_family_rules_matches(tiny_models, tmp_path, refere
   cfg = _config(tiny_models, tmp_path, mode="mesh", mesh_shape=(4, 2), sharding="fsdp", magnitude_batches=0)
   _same_run(runner.run_sequence(cfg, "migu", 0), reference)
   head = runner._head(cfg, runner.load_tasks(cfg, 0))
-  _, step = runner._train_step(cfg, methods.get_method("migu"), 0, head)
+  _, step, placed = runner._step_and_placement(cfg, methods.get_method("migu"), 0, head)
   assert step.compiled._cache_size() == 1
-  placed = runner._placement(cfg, step, runner.state_specs(cfg, head.model, runner.make_mesh(cfg)))
   kernel = placed.place({"model": {"layers_0": {"intermediate": {"kernel": np.ones((32, 64), np.float32)}}}})
   assert kernel["model"]["layers_0"]["intermediate"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
       "data", "model")

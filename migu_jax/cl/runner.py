@@ -30,6 +30,7 @@ Example (a few minutes on CPU; the exact command of the main job is in experimen
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -313,7 +314,8 @@ class Config:
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 """The names ``Config.dtype`` and ``Config.param_dtype`` take."""
 
-# Settings a resumed run must share with the checkpoint it resumes (the rest only affect bookkeeping).
+# Settings that do not change what a run computes (bookkeeping, placement, the tuning protocol): left out
+# of its identity, so a run resumes under other values of these.
 _RUN_ONLY = ("output_dir", "progress", "methods", "seeds", "checkpoint_every", "keep_checkpoints",
              "magnitude_batches", "mode", "mesh_shape", "data_axis", "model_axis", "sharding", "remat", "tune_rates", "tune_seed",
              "tune_keep_fixed")
@@ -456,12 +458,13 @@ def _compiles(step_fn, batch: dict) -> bool:
 def capture_magnitudes(head: heads_lib.Head, params, examples, cfg: Config, seed: int, n_batches: int
                        ) -> dict[str, np.ndarray]:
   """Output magnitudes of every linear layer of the plain model, summed over ``n_batches`` batches of
-  ``examples`` (drawn with ``seed``), as ``{"layer/path/kernel": vector}``."""
+  ``examples`` (drawn with ``seed``), as ``{"layer/path/kernel": vector}``. ``head`` is ``cfg``'s (the one
+  the runner builds for it): the compiled capture is reused by ``cfg``'s head settings."""
   def build():
     forward = methods_lib.make_forward(methods_lib.get_method("seqft"), cfg, head.model)
     return jax.jit(lambda p, b: head.loss(forward, p, b)[1]["model"])
 
-  fn = _cached(("magnitudes", id(head)), build)
+  fn = _cached(("magnitudes",) + _head_key(cfg), build)
   total = None
   rng = np.random.default_rng([seed, 99])
   for _ in range(n_batches):
@@ -493,24 +496,32 @@ model's plain parameters), ``"step"`` (after each train step), ``"saved"`` (afte
 task's evaluation, with its ``"row"``)."""
 
 
-_CACHE: dict[tuple, Any] = {}
 _HEAD_KEYS = ("model", "objective", "mlm_probability", "head", "eval_mode", "order", "max_length", "length_buckets",
               "temperature", "learn_temperature", "eval_batch_size", "max_new_tokens", "padding", "pad_multiple",
               "copa_prompt", "dtype", "remat")
 
+_REUSED: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+"""This process' heads and compiled train steps, keyed by the settings that make them (JSON), so later runs
+of one process (seeds, tuning runs, resumed runs, the CLI's) reuse them; the least recently used goes after
+16 (each holds a model and its compiled steps)."""
+
 
 def _cached(key: tuple, build: Callable[[], Any]):
-  """Heads and compiled steps are reused by later runs of one process (seeds, resumed runs, the CLI)."""
-  if key not in _CACHE:
-    if len(_CACHE) > 16:
-      _CACHE.clear()
-    _CACHE[key] = build()
-  return _CACHE[key]
+  if key in _REUSED:
+    _REUSED.move_to_end(key)
+  else:
+    _REUSED[key] = build()
+    while len(_REUSED) > 16:
+      _REUSED.popitem(last=False)
+  return _REUSED[key]
+
+
+def _head_key(cfg: Config) -> tuple:
+  return ("head",) + tuple(json.dumps(_json_ready(getattr(cfg, k))) for k in _HEAD_KEYS)
 
 
 def _head(cfg: Config, tasks: Sequence[Task]) -> heads_lib.Head:
   """The run's head; it uses only the tasks' names, categories and labels, the same for every seed."""
-  key = ("head",) + tuple(json.dumps(_json_ready(getattr(cfg, k))) for k in _HEAD_KEYS)
 
   def build():
     model, _, tokenizer = run_model(cfg)
@@ -519,7 +530,7 @@ def _head(cfg: Config, tasks: Sequence[Task]) -> heads_lib.Head:
           max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size, mlm_probability=cfg.mlm_probability))
     return heads_lib.make_head(cfg.head, model, tokenizer, tasks, cfg.head_config())
 
-  return _cached(key, build)
+  return _cached(_head_key(cfg), build)
 
 
 def make_mesh(cfg: Config) -> jax.sharding.Mesh:
@@ -573,52 +584,29 @@ def state_specs(cfg: Config, model, mesh: jax.sharding.Mesh) -> Callable[[Any], 
                                       data_axis=cfg.data_axis, model_axis=cfg.model_axis)
 
 
-def _placement(cfg: Config, step: migu.TrainStep, specs: Callable[[Any], Any] | None = None) -> Placement:
-  """Where ``step`` (of ``cfg``'s mode) wants the state; on a mesh, sharded by ``specs`` (see
-  :func:`state_specs`), else by :func:`shard_spec`."""
+def _placement(cfg: Config, step: migu.TrainStep) -> Placement:
+  """The runner's view of where ``step`` keeps the state: ``step.place_state`` and ``step.fetch`` (on a mesh,
+  by the ``state_specs`` the step was built with, see :func:`_mesh_specs`), evaluation on this process'
+  first device, and this process' rows of a batch."""
   if cfg.mode != "mesh":
     return Placement(step.place_state, step.fetch, lambda tree: tree, lambda batch: batch)
-  from jax.experimental import multihost_utils
-
-  mesh = make_mesh(cfg)
-
-  model_size = dict(zip(mesh.axis_names, mesh.devices.shape)).get(cfg.model_axis, 1)
-
-  def place(tree):
-    if specs is not None:
-      return migu.sharding.place(jax.tree.map(lambda x: jnp.array(x, copy=True), tree), mesh, specs(tree))
-
-    def leaf(x):
-      spec = shard_spec(np.shape(x), model_size, cfg.model_axis)
-      return jax.device_put(jnp.array(x, copy=True), jax.sharding.NamedSharding(mesh, spec))
-    return jax.tree.map(leaf, tree)
-
-  def fetch_leaf(x):
-    if ckpt_lib._is_key(x):  # typed PRNG keys (the random mask's) travel as their key data
-      return jax.random.wrap_key_data(fetch_leaf(jax.random.key_data(x)), impl=jax.random.key_impl(x))
-    if x.is_fully_addressable:
-      return np.asarray(x)
-    if x.is_fully_replicated:
-      return np.asarray(x.addressable_data(0))
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-  def fetch(tree):
-    return jax.tree.map(fetch_leaf, tree)
-
-  def for_eval(tree):
-    return jax.device_put(fetch(tree), jax.local_devices()[0])
-
   index, count = jax.process_index(), jax.process_count()
 
   def local_rows(batch):
     return batch if count == 1 else jax.tree.map(lambda x: x[index::count], batch)
 
-  return Placement(place, fetch, for_eval, local_rows)
+  return Placement(step.place_state, step.fetch,
+                   lambda tree: jax.device_put(step.fetch(tree), jax.local_devices()[0]), local_rows)
 
 
-def _train_step(cfg: Config, method: methods_lib.Method, seed: int, head: heads_lib.Head):
-  """``(tx, step)``: the optimizer and the compiled train step of a method."""
-  return _step_and_placement(cfg, method, seed, head)[:2]
+def _mesh_specs(cfg: Config, model, mesh: jax.sharding.Mesh) -> Callable[[Any], Any]:
+  """``tree -> PartitionSpec per leaf`` of the run's state on ``mesh``: the model family's rules for
+  ``sharding="fsdp"`` (:func:`state_specs`), else :func:`shard_spec` of every leaf."""
+  specs = state_specs(cfg, model, mesh)
+  if specs is not None:
+    return specs
+  model_size = dict(zip(mesh.axis_names, mesh.devices.shape)).get(cfg.model_axis, 1)
+  return lambda tree: jax.tree.map(lambda x: shard_spec(np.shape(x), model_size, cfg.model_axis), tree)
 
 
 def _step_and_placement(cfg: Config, method: methods_lib.Method, seed: int, head: heads_lib.Head):
@@ -626,7 +614,7 @@ def _step_and_placement(cfg: Config, method: methods_lib.Method, seed: int, head
   # The step depends on the seed only through the random mask's key (the rest comes in with each batch),
   # so the other methods' seeds share one compiled step.
   step_seed = seed if method.mask == "random" else None
-  key = ("step", id(head), json.dumps(_identity(cfg, method.name, step_seed), sort_keys=True, default=str),
+  key = ("step", _head_key(cfg), json.dumps(_identity(cfg, method.name, step_seed), sort_keys=True, default=str),
          cfg.mode, cfg.mesh_shape, cfg.data_axis, cfg.model_axis, cfg.sharding)
 
   def build():
@@ -643,10 +631,10 @@ def _step_and_placement(cfg: Config, method: methods_lib.Method, seed: int, head
         raise ValueError(f"Config.batch_size={cfg.batch_size} does not split over the mesh's {data_size} data "
                          f"shards x micro_batches={cfg.micro_batches}; use a multiple of "
                          f"{data_size * cfg.micro_batches}.")
-    specs = state_specs(cfg, head.model, mesh) if mesh is not None else None
+    specs = _mesh_specs(cfg, head.model, mesh) if mesh is not None else None
     step = migu.make_train_step(loss_fn, tx, micro_batches=cfg.micro_batches, mode=cfg.mode, mesh=mesh,
                                 data_axis=cfg.data_axis, state_specs=specs)
-    return tx, step, _placement(cfg, step, specs)
+    return tx, step, _placement(cfg, step)
 
   return _cached(key, build)
 
