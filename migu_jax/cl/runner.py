@@ -219,6 +219,13 @@ class Config:
   remat: bool = False
 
   def __post_init__(self):
+    self._normalize()
+    self._check_training()
+    self._check_objective()
+    self._check_placement()
+
+  def _normalize(self):
+    """Comma-separated strings and single values as tuples; mappings with string keys."""
     for name in ("methods", "seeds", "length_buckets", "lora_targets", "mask_targets", "tune_rates", "also_eval"):
       value = getattr(self, name)
       if isinstance(value, (str, int, float)):
@@ -231,6 +238,9 @@ class Config:
         raise ValueError(f"Config.task_epochs={self.task_epochs!r}: every count must be >= 1.")
     if not isinstance(self.order, str):
       self.order = tuple(self.order)
+
+  def _check_training(self):
+    """Sizes, MIGU's ratio, methods, seeds, threshold, evaluation split and padding."""
     for name in ("batch_size", "micro_batches", "epochs", "max_length", "eval_batch_size", "checkpoint_every"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"Config.{name}={getattr(self, name)!r} must be >= 1.")
@@ -239,6 +249,21 @@ class Config:
                        f"{self.micro_batches}; choose a batch size that is a multiple of it.")
     if not 0.0 <= self.ratio < 1.0:
       raise ValueError(f"Config.ratio={self.ratio} (MIGU's T) must be in [0, 1); 0.7 keeps 30% of each layer.")
+    if self.eval_split not in ("test", "dev"):
+      raise ValueError(f"Config.eval_split={self.eval_split!r}; expected 'test' or 'dev' (a split of the "
+                       "training records, for tuning).")
+    if self.padding not in heads_lib.PADDINGS:
+      raise ValueError(f"Config.padding={self.padding!r}; choose one of {heads_lib.PADDINGS}.")
+    if not self.methods:
+      raise ValueError("Config.methods is empty; name at least one of " + ", ".join(methods_lib.METHODS) + ".")
+    if not self.seeds:
+      raise ValueError("Config.seeds is empty; give at least one seed, e.g. (0,).")
+    for name in self.methods:
+      methods_lib.get_method(name)
+    migu.masking.resolve_threshold(self.exact_count, self.threshold)  # a contradiction fails here, not later
+
+  def _check_objective(self):
+    """The objective and the settings only one objective takes."""
     if self.objective not in objectives_lib.OBJECTIVES:
       raise ValueError(f"Config.objective={self.objective!r}; choose one of {objectives_lib.OBJECTIVES} ('task': "
                        "labeled tasks, 'lm': text domains with the model's own objective).")
@@ -256,18 +281,9 @@ class Config:
                          f"the order ({', '.join(resolve_order(self.order))}); not in it: {unknown}.")
     if not 0.0 < self.mlm_probability < 1.0:
       raise ValueError(f"Config.mlm_probability={self.mlm_probability} must be in (0, 1); BERT uses 0.15.")
-    if self.eval_split not in ("test", "dev"):
-      raise ValueError(f"Config.eval_split={self.eval_split!r}; expected 'test' or 'dev' (a split of the "
-                       "training records, for tuning).")
-    if self.padding not in heads_lib.PADDINGS:
-      raise ValueError(f"Config.padding={self.padding!r}; choose one of {heads_lib.PADDINGS}.")
-    if not self.methods:
-      raise ValueError("Config.methods is empty; name at least one of " + ", ".join(methods_lib.METHODS) + ".")
-    if not self.seeds:
-      raise ValueError("Config.seeds is empty; give at least one seed, e.g. (0,).")
-    for name in self.methods:
-      methods_lib.get_method(name)
-    migu.masking.resolve_threshold(self.exact_count, self.threshold)  # a contradiction fails here, not later
+
+  def _check_placement(self):
+    """Mode, mesh shape, dtypes and sharding."""
     if self.mode not in ("jit", "mesh"):
       raise ValueError(f"Config.mode={self.mode!r}; expected 'jit' (one device) or 'mesh' (every device of "
                        "every process, data-parallel).")
