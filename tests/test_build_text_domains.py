@@ -1,6 +1,5 @@
 """experiments/build_text_domains.py: domains disjoint from their end tasks, PROVENANCE beside the output."""
 
-import json
 import sys
 from pathlib import Path
 

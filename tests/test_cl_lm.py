@@ -149,7 +149,7 @@ def test_causal_lm_perplexity_matches_transformers(tmp_path):
 
 def test_migu_masks_the_tied_lm_head_and_the_transform(text_data):
   import migu_jax as migu
-  from migu_jax.cl import methods, runner
+  from migu_jax.cl import methods, optimizers, runner
 
   cfg = runner.Config(model=str(text_data / "bert"), objective="lm", data_dir=str(text_data), order="G/a",
                       max_length=16, progress=False)
@@ -163,7 +163,7 @@ def test_migu_masks_the_tied_lm_head_and_the_transform(text_data):
   assert np.isfinite(float(loss))
   assert mags["model"]["embeddings"]["word_embeddings"]["embedding"].shape == (len(_tokenizer()), 1)
   ones = jax.tree.map(jnp.ones_like, params)
-  tx = migu.mask_by_magnitude(0.7, where=methods._where(methods.get_method("migu")))
+  tx = migu.mask_by_magnitude(0.7, where=optimizers._where(methods.get_method("migu")))
   updates, _ = tx.update(ones, tx.init(params), params, magnitudes=mags)
   for path in (("mlm_head", "transform", "kernel"), ("embeddings", "word_embeddings", "embedding")):
     u = updates["model"]

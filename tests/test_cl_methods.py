@@ -83,7 +83,7 @@ def test_padding_aware_magnitudes_equal_those_of_the_unpadded_rows(tiny_models, 
 @pytest.mark.parametrize("family", ["bert", "llama", "t5"])
 def test_layer_types_split_the_kernels_into_attention_and_feed_forward(tiny_models, family):
   from migu_jax import masking
-  from migu_jax.cl import methods, runner
+  from migu_jax.cl import methods, optimizers, runner
 
   _, params, _ = runner.load_model(tiny_models[family])
   paths = [p for p, leaf in jax.tree_util.tree_flatten_with_path({"model": params})[0]]
@@ -92,7 +92,7 @@ def test_layer_types_split_the_kernels_into_attention_and_feed_forward(tiny_mode
   method = methods.get_method("migu")
 
   def chosen(targets):
-    where = methods._where(method, methods.mask_patterns(runner.Config(mask_targets=targets)))
+    where = optimizers._where(method, optimizers.mask_patterns(runner.Config(mask_targets=targets)))
     return {k for k in kernels if where(k, None)}
 
   attention, ffn = chosen(("attention",)), chosen(("ffn",))
@@ -114,37 +114,37 @@ def test_mask_targets_limit_the_mask_to_their_layers(tiny_models, tmp_path, migu
 
 
 def test_warmup_schedule_rises_then_stays():
-  from migu_jax.cl import methods, runner
+  from migu_jax.cl import optimizers, runner
 
-  schedule = methods.SCHEDULES["warmup_constant"](runner.Config(learning_rate=1e-3, warmup_steps=4))
+  schedule = optimizers.SCHEDULES["warmup_constant"](runner.Config(learning_rate=1e-3, warmup_steps=4))
   np.testing.assert_allclose([float(schedule(i)) for i in (0, 2, 4, 10)], [0.0, 5e-4, 1e-3, 1e-3], rtol=1e-6)
 
 
 def test_optimizer_state_is_reset_at_each_task_unless_asked_to_carry_it(tiny_models, tmp_path, migu_run):
-  from migu_jax.cl import methods, runner
+  from migu_jax.cl import methods, optimizers, runner
 
   cfg = runner.Config(methods=("migu",))
   method = methods.get_method("migu")
   params = {"model": {"dense": {"kernel": jnp.ones((2, 3))}}, "head": {}}
-  tx = methods.make_optimizer(method, cfg)
+  tx = optimizers.make_optimizer(method, cfg)
   moved = jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x, tx.init(params))
 
   def moments(state):
     return [x for x in jax.tree.leaves(state) if getattr(x, "shape", ()) == (2, 3)]
 
-  fresh = methods.start_task(method, cfg, tx, params, 1, moved)
-  carried = methods.start_task(method, cfg.replace(reset_optimizer=False), tx, params, 1, moved)
+  fresh = optimizers.start_task(method, cfg, tx, params, 1, moved)
+  carried = optimizers.start_task(method, cfg.replace(reset_optimizer=False), tx, params, 1, moved)
   assert all(float(m.sum()) == 0 for m in moments(fresh))
   assert all(float(m.sum()) == 6 for m in moments(carried))
-  assert methods.start_task(method, cfg.replace(reset_optimizer=False), tx, params, 0, moved) is not moved
+  assert optimizers.start_task(method, cfg.replace(reset_optimizer=False), tx, params, 0, moved) is not moved
   kept = runner.run_sequence(_migu(tiny_models, tmp_path, reset_optimizer=False), "migu", 0)
   assert kept["params_sha256"] != migu_run["params_sha256"]
 
 
 def test_one_threshold_resolver_for_config_and_masks():
-  from migu_jax.cl import methods, runner
-  assert methods._threshold(runner.Config(exact_count=True)) == "top_k"
-  assert methods._threshold(runner.Config()) == "quantile"
+  from migu_jax.cl import optimizers, runner
+  assert optimizers._threshold(runner.Config(exact_count=True)) == "top_k"
+  assert optimizers._threshold(runner.Config()) == "quantile"
   with pytest.raises(ValueError, match="exact_count=True is threshold='top_k'"):
     runner.Config(exact_count=True, threshold="l1_mass")
   old = runner._identity(runner.Config(), "migu", 0)  # checkpoints of the old default resume

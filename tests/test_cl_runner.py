@@ -50,7 +50,7 @@ def test_method_variants_run(tiny_models, tmp_path, method):
 
 def test_lora_trains_only_the_adapters(tiny_models, tmp_path):
   import jax
-  from migu_jax.cl import checkpoint, methods, runner
+  from migu_jax.cl import checkpoint, methods, optimizers, runner
 
   cfg = tiny_config(tiny_models["bert"], tmp_path, order="dbpedia", methods=("migu_lora",), magnitude_batches=0)
   runner.run_sequence(cfg, "migu_lora", 0)
@@ -60,7 +60,7 @@ def test_lora_trains_only_the_adapters(tiny_models, tmp_path):
   assert meta["task"] == 1
   method = methods.get_method("migu_lora")
   like = methods.init_params(method, cfg, base, {"log_scale": np.float32(0)}, jax.random.key(0))
-  tx = methods.make_optimizer(method, cfg)
+  tx = optimizers.make_optimizer(method, cfg)
   state, _ = saved.restore({"params": like, "opt_state": tx.init(like), "key": jax.random.key(0)})
   same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), state["params"]["model"], base)
   assert all(jax.tree.leaves(same)), "the frozen model moved"
@@ -70,14 +70,14 @@ def test_lora_trains_only_the_adapters(tiny_models, tmp_path):
 def test_migu_mask_switch_is_injected_not_recompiled(tmp_path):
   import jax
 
-  from migu_jax.cl import methods
+  from migu_jax.cl import methods, optimizers
 
   cfg = tiny_config("unused-model", tmp_path)
   method = methods.get_method("migu")
-  tx = methods.make_optimizer(method, cfg)
+  tx = optimizers.make_optimizer(method, cfg)
   params = {"model": {"Dense_0": {"kernel": np.ones((2, 3), np.float32)}}, "head": {}}
-  first = methods.start_task(method, cfg, tx, params, 0)
-  later = methods.start_task(method, cfg, tx, params, 1)
+  first = optimizers.start_task(method, cfg, tx, params, 0)
+  later = optimizers.start_task(method, cfg, tx, params, 1)
   flags = [s.hyperparams["enabled"] for s in (first[0], later[0])]
   assert [bool(f) for f in flags] == [False, True] and flags[0].shape == ()
 
@@ -98,14 +98,14 @@ def test_one_compilation_serves_every_task(tiny_models, tmp_path):
 
 
 def test_data_order_is_a_pure_function_of_seed_task_epoch():
-  from migu_jax.cl import methods
+  from migu_jax.cl import batching
 
-  steps = [methods.batch_indices(20, 8, 0, 1, k) for k in range(4)]  # 2 steps per epoch
-  assert np.array_equal(steps[0], methods.batch_indices(20, 8, 0, 1, 0))
+  steps = [batching.batch_indices(20, 8, 0, 1, k) for k in range(4)]  # 2 steps per epoch
+  assert np.array_equal(steps[0], batching.batch_indices(20, 8, 0, 1, 0))
   assert len(set(np.concatenate(steps[:2]).tolist())) == 16  # no repeats within an epoch
-  assert not np.array_equal(steps[0], methods.batch_indices(20, 8, 1, 1, 0))
-  assert not np.array_equal(steps[0], methods.batch_indices(20, 8, 0, 2, 0))
-  assert methods.batch_indices(3, 8, 0, 0, 0).shape == (8,)  # fewer records than a batch: cycled
+  assert not np.array_equal(steps[0], batching.batch_indices(20, 8, 1, 1, 0))
+  assert not np.array_equal(steps[0], batching.batch_indices(20, 8, 0, 2, 0))
+  assert batching.batch_indices(3, 8, 0, 0, 0).shape == (8,)  # fewer records than a batch: cycled
 
 
 def test_unknown_method_task_and_config_key_are_clear_errors(tiny_models, tmp_path):

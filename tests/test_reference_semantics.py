@@ -13,6 +13,7 @@ import migu_jax as migu
 from migu_jax.cl import data as data_lib
 from migu_jax.cl import heads as heads_lib
 from migu_jax.cl import methods as methods_lib
+from migu_jax.cl import optimizers as optimizers_lib
 from migu_jax.cl import tune as tune_lib
 from migu_jax.cl.data import Record
 from migu_jax.cl.prompts import build_prompt
@@ -78,11 +79,11 @@ def test_tied_embedding_rows_masked_by_default_and_left_out_on_request(tmp_path)
 def test_runner_where_includes_tied_embedding_unless_disabled():
   cfg = SimpleNamespace(mask_targets=(), mask_tied_embedding=True)
   migu_method = methods_lib.get_method("migu")
-  where = methods_lib._where(migu_method, methods_lib.mask_patterns(cfg), True)
+  where = optimizers_lib._where(migu_method, optimizers_lib.mask_patterns(cfg), True)
   assert where(("model", "embed", "embedding"), None)
-  assert not methods_lib._where(migu_method, (), False)(("model", "embed", "embedding"), None)
-  assert not methods_lib._where(methods_lib.get_method("grad_mask"), (), True)(("model", "embed", "embedding"), None)
-  head_only = methods_lib._where(migu_method, methods_lib.mask_patterns(SimpleNamespace(mask_targets=("head",))))
+  assert not optimizers_lib._where(migu_method, (), False)(("model", "embed", "embedding"), None)
+  assert not optimizers_lib._where(methods_lib.get_method("grad_mask"), (), True)(("model", "embed", "embedding"), None)
+  head_only = optimizers_lib._where(migu_method, optimizers_lib.mask_patterns(SimpleNamespace(mask_targets=("head",))))
   assert head_only(("model", "embed", "embedding"), None)
   assert not head_only(("model", "layers_0", "mlp", "up_proj", "kernel"), None)
 

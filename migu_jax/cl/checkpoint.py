@@ -25,7 +25,6 @@ import contextlib
 import errno
 import shutil
 import os
-import pathlib
 import time
 import warnings
 from collections.abc import Callable

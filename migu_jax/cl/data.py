@@ -33,7 +33,7 @@ import dataclasses
 import json
 import os
 import random
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import NamedTuple
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from migu_jax.cl import methods as methods_lib
+from migu_jax.cl import batching as batching_lib
 
 
 def macro_f1(pred: Sequence[int], gold: Sequence[int], n_labels: int) -> float:
@@ -57,10 +57,10 @@ def fine_tune_and_score(head, step_fn, start_state: Callable[[dict], tuple], mod
   head_key, step_key = jax.random.split(key)
   params, opt_state = start_state({"model": model_params, "head": head.init(head_key)})
   examples = [(task_index, r) for r in task.train]
-  steps = methods_lib.steps_per_epoch(len(examples), batch_size) * epochs
+  steps = batching_lib.steps_per_epoch(len(examples), batch_size) * epochs
   loss = float("nan")
   for k in range(steps):
-    idx = methods_lib.batch_indices(len(examples), batch_size, seed, 1000 + task_index, k)
+    idx = batching_lib.batch_indices(len(examples), batch_size, seed, 1000 + task_index, k)
     batch = head.train_batch([examples[i] for i in idx])
     rng = jax.random.key_data(jax.random.fold_in(step_key, k))
     batch["rng"] = np.broadcast_to(np.asarray(rng), (batch_size, *rng.shape))

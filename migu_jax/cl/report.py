@@ -193,8 +193,8 @@ def markdown(results: dict) -> str:
   cfg = results["config"]
   parts = [f"# Continual learning: {', '.join(results['config']['methods'])}", "",
            f"Model `{cfg['model']}`, order `{cfg['order']}`, eval mode {', '.join(results['eval_mode'])}; "
-           + (f"held-out perplexities (lower is better; BWT and forgetting are perplexity increases, positive "
-            f"means forgotten)" if _is_perplexity(results) else "accuracies in percent")
+           + ("held-out perplexities (lower is better; BWT and forgetting are perplexity increases, positive "
+            "means forgotten)" if _is_perplexity(results) else "accuracies in percent")
            + f". Wall time {results['wall_time_s']:.0f} s.", ""]
   if results["heldout_tasks"]:
     parts += [f"Tasks evaluated on a held-out part of train.json (no test file): "

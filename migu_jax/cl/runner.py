@@ -5,7 +5,7 @@ after the other and, before any training and after every task, evaluates on the 
 (seen and unseen): the initial accuracies ``b`` and the accuracy matrix ``R[i][j]``. The data flows one
 way::
 
-    tasks -> examples (methods.training_examples) -> batches (head.train_batch)
+    tasks -> examples (batching.training_examples) -> batches (head.train_batch)
           -> step(params, opt_state, batch) -> (loss, magnitudes) -> tx.update(..., magnitudes=) -> params
     params -> methods.eval_params -> head.correct (per task) -> a row of R
 
@@ -52,12 +52,14 @@ from flax import traverse_util
 
 import migu_jax as migu
 from migu_jax.cl import atomic
+from migu_jax.cl import batching as batching_lib
 from migu_jax.cl import checkpoint as ckpt_lib
 from migu_jax.cl import end_tasks as end_tasks_lib
 from migu_jax.cl import faults
 from migu_jax.cl import heads as heads_lib
 from migu_jax.cl import methods as methods_lib
 from migu_jax.cl import objectives as objectives_lib
+from migu_jax.cl import optimizers as optimizers_lib
 from migu_jax.cl import report as report_lib
 from migu_jax.cl import text as text_lib
 from migu_jax.cl import storage
@@ -103,7 +105,7 @@ class Config:
   ``"quantile"``, or ``"top_k"`` with ``exact_count``, which with another rule is an error; see
   :func:`migu_jax.masking.resolve_threshold`), ``padding_aware`` (padded positions do not count in the
   magnitudes), ``mask_targets`` (the layers masked: ``("attention",)``, ``("ffn",)`` or regular expressions
-  searched in kernel paths, see :data:`migu_jax.cl.methods.LAYER_TYPES`; empty: all),
+  searched in kernel paths, see :data:`migu_jax.cl.optimizers.LAYER_TYPES`; empty: all),
   ``mask_tied_embedding`` (a tied LM head's embedding is masked by vocabulary row, as the reference's
   shared ``lm_head`` weight; False leaves it unmasked), ``first_task_unmasked``, ``replay_fraction``, ``lora_rank``, ``lora_alpha``, ``lora_dropout``,
   ``lora_targets`` (substrings of module names; empty: every linear).
@@ -115,7 +117,7 @@ class Config:
   ``tune_keep_fixed``, at ``learning_rate`` too (the paper's fixed rate beside the tuned one).
 
   Optimization: AdamW (``learning_rate``, ``schedule`` (a name of
-  :data:`migu_jax.cl.methods.SCHEDULES`) with ``warmup_steps``, ``weight_decay``, ``adam_b1/b2/eps``),
+  :data:`migu_jax.cl.optimizers.SCHEDULES`) with ``warmup_steps``, ``weight_decay``, ``adam_b1/b2/eps``),
   ``weight_decay`` is 0 by default, as the reference code (``run_uie_ft.py``); the paper's table lists
   0.01. ``clip_norm`` (after the mask; None: off), ``batch_size``, ``micro_batches``, ``epochs``,
   ``task_epochs`` (per-task epoch counts, ``{"wic": 2}``; None: the reference's, 2 epochs for WiC in order
@@ -634,7 +636,7 @@ def _step_and_placement(cfg: Config, method: methods_lib.Method, seed: int, head
          cfg.mode, cfg.mesh_shape, cfg.data_axis, cfg.model_axis, cfg.sharding)
 
   def build():
-    tx = methods_lib.make_optimizer(method, cfg, seed)
+    tx = optimizers_lib.make_optimizer(method, cfg, seed)
     forward = methods_lib.make_forward(method, cfg, head.model)
 
     def loss_fn(p, batch):
@@ -789,7 +791,7 @@ class _Run:
                          cfg.param_dtype)
     tx, step_fn, placed = _step_and_placement(cfg, method, seed, head)
     params = placed.place(params)
-    opt_state = placed.place(methods_lib.start_task(method, cfg, tx, params, 0))
+    opt_state = placed.place(optimizers_lib.start_task(method, cfg, tx, params, 0))
     state = RunState(identity, metric=getattr(head, "metric", "accuracy"))
     restored = checkpoints.restore({"params": params, "opt_state": opt_state, "key": key},
                                    check_meta=lambda saved: _check_identity(saved["identity"], identity,
@@ -846,18 +848,18 @@ class _Run:
     """Task ``t``'s steps from ``state.step`` on (the optimizer reset at its start), checkpoints every
     ``checkpoint_every`` steps and where a stop was requested."""
     cfg, s = self.cfg, self.state
-    examples = methods_lib.training_examples(self.method, cfg, self.tasks, t, self.seed)
-    total = methods_lib.steps_per_epoch(len(examples), cfg.batch_size) * methods_lib.task_epochs(
+    examples = batching_lib.training_examples(self.method, cfg, self.tasks, t, self.seed)
+    total = batching_lib.steps_per_epoch(len(examples), cfg.batch_size) * methods_lib.task_epochs(
         cfg, self.tasks[t].name)
     if s.step == 0:
-      self.opt_state = self.placed.place(methods_lib.start_task(self.method, cfg, self.tx, self.params, t,
+      self.opt_state = self.placed.place(optimizers_lib.start_task(self.method, cfg, self.tx, self.params, t,
                                                                 self.opt_state))
       s.losses.append([])
     start = time.perf_counter()
     desc = f"{self.name} seed {self.seed} task {t + 1}/{len(self.tasks)} {self.tasks[t].name}"
     with _bar(cfg, total=total, initial=s.step, desc=desc, unit="step") as bar:
       for k in range(s.step, total):
-        loss = self.train_step(t, k, [examples[i] for i in methods_lib.batch_indices(
+        loss = self.train_step(t, k, [examples[i] for i in batching_lib.batch_indices(
             len(examples), cfg.batch_size, self.seed, t, k)])
         if not np.isfinite(loss):
           raise FloatingPointError(f"{desc}, step {k}: the loss is {loss}. Lower learning_rate or check the data.")
@@ -946,7 +948,7 @@ def run_end_tasks(cfg: Config, model_params: dict, seed: int, domains: Sequence[
 
   def start_state(params):
     params = placed.place(params)
-    return params, placed.place(methods_lib.start_task(method, task_cfg, tx, params, 0))
+    return params, placed.place(optimizers_lib.start_task(method, task_cfg, tx, params, 0))
 
   start = end_tasks_lib.encoder_params(model_params)
   out = {}
@@ -1044,7 +1046,7 @@ def evaluate_checkpoint(run_dir: str | os.PathLike, *, order=None, max_test: int
   head_key, lora_key = jax.random.split(jax.random.fold_in(key, 1))
   like = cast_floats(methods_lib.init_params(method, cfg, model_params, train_head.init(head_key), lora_key),
                      cfg.param_dtype)
-  tx = methods_lib.make_optimizer(method, cfg, seed)
+  tx = optimizers_lib.make_optimizer(method, cfg, seed)
   with ckpt_lib.RunCheckpoints(run_dir / "checkpoints") as checkpoints:
     restored = checkpoints.restore({"params": like, "opt_state": tx.init(like), "key": key})
   if restored is None:
