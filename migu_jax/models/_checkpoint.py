@@ -28,6 +28,7 @@ import os
 import re
 from typing import Callable, Iterable, Mapping, NamedTuple
 
+import jax
 import numpy as np
 
 
@@ -85,6 +86,13 @@ def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
 def flatten_params(params: Mapping) -> dict[str, np.ndarray]:
   """Nested parameter dict -> ``{"a/b/kernel": array}``."""
   return _flatten(params)
+
+
+def shapes_of(init: Callable[[int], Mapping]) -> dict[str, tuple[int, ...]]:
+  """Flax path -> shape of every parameter ``init(seed)["params"]`` makes, from ``jax.eval_shape`` (no
+  compute): what :func:`state_dict_to_params` expects."""
+  shapes = jax.eval_shape(lambda: init(0))
+  return {k: v.shape for k, v in flatten_params(shapes["params"]).items()}
 
 
 def state_dict_to_params(

@@ -91,15 +91,8 @@ class BertForMaskedLM(nn.Module):
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
                deterministic: bool = True):
     cfg = self.config
-    if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    if token_type_ids is None:
-      token_type_ids = jnp.zeros_like(input_ids)
-    if position_ids is None:
-      if cfg.model_type == "roberta":
-        position_ids = modeling.roberta_position_ids(input_ids, cfg.pad_token_id)
-      else:
-        position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    attention_mask, token_type_ids, position_ids = modeling.default_inputs(cfg, input_ids, attention_mask,
+                                                                           token_type_ids, position_ids)
     embeddings = Embeddings(cfg, name="embeddings")
     x = embeddings(input_ids, token_type_ids, position_ids, deterministic)
     mask = attention_mask.astype(bool)

@@ -19,12 +19,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from migu_jax.models import _sizes
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -36,7 +37,7 @@ _ACTIVATIONS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_sizes.DeprecatedPreset):
   """BERT / RoBERTa hyper-parameters (field names follow HF's config.json).
 
   ``model_type`` is "bert" or "roberta"; RoBERTa counts positions from
@@ -104,16 +105,7 @@ class Config:
                           num_attention_heads=12, intermediate_size=1536),
         "base": {},
     }
-    if name not in sizes:
-      raise ValueError(f"unknown BERT size {name!r}; choose from {sorted(sizes)}.")
-    return cls(**{**sizes[name], **overrides})
-
-  @classmethod
-  def preset(cls, name: str, **overrides) -> "Config":
-    """Deprecated alias of :meth:`of_size` (a "preset" is a pretrained checkpoint, ``models.PRESETS``)."""
-    warnings.warn(f"{cls.__module__}.Config.preset is deprecated; use Config.of_size({name!r}).",
-                  DeprecationWarning, stacklevel=2)
-    return cls.of_size(name, **overrides)
+    return _sizes.of_size(cls, "BERT", sizes, name, overrides)
 
 
 class Embeddings(nn.Module):
@@ -178,6 +170,21 @@ def roberta_position_ids(input_ids, pad_token_id: int):
   return jnp.cumsum(not_pad, axis=1) * not_pad + pad_token_id
 
 
+def default_inputs(cfg: Config, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
+  """``(attention_mask, token_type_ids, position_ids)`` with Hugging Face's defaults for those not given:
+  all ones, all zeros, and ``0..T-1`` (RoBERTa: counted from ``pad_token_id + 1`` over real tokens)."""
+  if attention_mask is None:
+    attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+  if token_type_ids is None:
+    token_type_ids = jnp.zeros_like(input_ids)
+  if position_ids is None:
+    if cfg.model_type == "roberta":
+      position_ids = roberta_position_ids(input_ids, cfg.pad_token_id)
+    else:
+      position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+  return attention_mask, token_type_ids, position_ids
+
+
 class BertModel(nn.Module):
   """BERT / RoBERTa encoder: returns the last hidden states ``[B, T, H]``.
 
@@ -193,15 +200,8 @@ class BertModel(nn.Module):
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
                position_ids=None, *, deterministic: bool = True):
     cfg = self.config
-    if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    if token_type_ids is None:
-      token_type_ids = jnp.zeros_like(input_ids)
-    if position_ids is None:
-      if cfg.model_type == "roberta":
-        position_ids = roberta_position_ids(input_ids, cfg.pad_token_id)
-      else:
-        position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    attention_mask, token_type_ids, position_ids = default_inputs(cfg, input_ids, attention_mask, token_type_ids,
+                                                                  position_ids)
     x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, position_ids,
                                            deterministic)
     mask = attention_mask.astype(bool)

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from migu_jax.models._checkpoint import (IDENTITY, TRANSPOSE, Rule, flatten_params,
-                                         params_to_state_dict, state_dict_to_params)
+from migu_jax.models._checkpoint import (IDENTITY, TRANSPOSE, Rule,
+                                         params_to_state_dict, shapes_of, state_dict_to_params)
 from migu_jax.models.bert import modeling
 
 
@@ -71,17 +71,19 @@ def _strip_prefix(state_dict: dict) -> dict:
   return {re.sub(r"^(bert|roberta)\.", "", k): v for k, v in state_dict.items()}
 
 
-def expected_shapes(cfg: modeling.Config) -> dict[str, tuple[int, ...]]:
-  """Flax path -> shape of every parameter of ``BertModel(cfg)``, without compute."""
+def _init(cfg: modeling.Config, seed: int):
   ids = jnp.ones((1, 2), jnp.int32)
-  shapes = jax.eval_shape(lambda: modeling.BertModel(cfg).init(jax.random.key(0), ids))
-  return {k: v.shape for k, v in flatten_params(shapes["params"]).items()}
+  return modeling.BertModel(cfg).init(jax.random.key(seed), ids)
+
+
+def expected_shapes(cfg: modeling.Config) -> dict[str, tuple[int, ...]]:
+  """Flax path -> shape of every parameter of ``BertModel(cfg)``, from ``jax.eval_shape`` (no compute)."""
+  return shapes_of(lambda seed: _init(cfg, seed))
 
 
 def init_params(cfg: modeling.Config, seed: int = 0) -> dict:
   """Randomly initialised params of ``BertModel(cfg)`` (for tests and demos)."""
-  ids = jnp.ones((1, 2), jnp.int32)
-  return modeling.BertModel(cfg).init(jax.random.key(seed), ids)["params"]
+  return _init(cfg, seed)["params"]
 
 
 def from_hf(state_dict: dict, cfg: modeling.Config, source: str = "checkpoint") -> dict:

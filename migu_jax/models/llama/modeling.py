@@ -21,12 +21,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from migu_jax.models import _sizes
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
                 "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -37,7 +38,7 @@ def _as_tuple(x):
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_sizes.DeprecatedPreset):
   """Llama hyper-parameters (field names follow HF's config.json).
 
   ``head_dim`` defaults to ``hidden_size // num_attention_heads``;
@@ -121,16 +122,7 @@ class Config:
                              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
                              pad_token_id=2),
     }
-    if name not in sizes:
-      raise ValueError(f"unknown Llama size {name!r}; choose from {sorted(sizes)}.")
-    return cls(**{**sizes[name], **overrides})
-
-  @classmethod
-  def preset(cls, name: str, **overrides) -> "Config":
-    """Deprecated alias of :meth:`of_size` (a "preset" is a pretrained checkpoint, ``models.PRESETS``)."""
-    warnings.warn(f"{cls.__module__}.Config.preset is deprecated; use Config.of_size({name!r}).",
-                  DeprecationWarning, stacklevel=2)
-    return cls.of_size(name, **overrides)
+    return _sizes.of_size(cls, "Llama", sizes, name, overrides)
 
 
 class RMSNorm(nn.Module):

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from migu_jax.models._checkpoint import (IDENTITY, TRANSPOSE, Rule, flatten_params,
-                                         params_to_state_dict, state_dict_to_params)
+from migu_jax.models._checkpoint import (IDENTITY, TRANSPOSE, Rule,
+                                         params_to_state_dict, shapes_of, state_dict_to_params)
 from migu_jax.models.llama import modeling
 
 _L = "model.layers.{i}."
@@ -45,17 +45,19 @@ RULES: tuple[Rule, ...] = (
 IGNORED: tuple[str, ...] = (r".*rotary_emb\.inv_freq",)
 
 
-def expected_shapes(cfg: modeling.Config) -> dict[str, tuple[int, ...]]:
-  """Flax path -> shape of every parameter, from ``jax.eval_shape`` (no compute)."""
+def _init(cfg: modeling.Config, seed: int):
   ids = jnp.ones((1, 2), jnp.int32)
-  shapes = jax.eval_shape(lambda: modeling.LlamaForCausalLM(cfg).init(jax.random.key(0), ids))
-  return {k: v.shape for k, v in flatten_params(shapes["params"]).items()}
+  return modeling.LlamaForCausalLM(cfg).init(jax.random.key(seed), ids)
+
+
+def expected_shapes(cfg: modeling.Config) -> dict[str, tuple[int, ...]]:
+  """Flax path -> shape of every parameter of ``LlamaForCausalLM(cfg)``, from ``jax.eval_shape`` (no compute)."""
+  return shapes_of(lambda seed: _init(cfg, seed))
 
 
 def init_params(cfg: modeling.Config, seed: int = 0) -> dict:
-  """Randomly initialised params (for tests and demos)."""
-  ids = jnp.ones((1, 2), jnp.int32)
-  return modeling.LlamaForCausalLM(cfg).init(jax.random.key(seed), ids)["params"]
+  """Randomly initialised params of ``LlamaForCausalLM(cfg)`` (for tests and demos)."""
+  return _init(cfg, seed)["params"]
 
 
 def from_hf(state_dict: dict, cfg: modeling.Config, source: str = "checkpoint") -> dict:

@@ -23,13 +23,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import warnings
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from migu_jax.models import _sizes
 
 _ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -40,7 +41,7 @@ _ACTIVATIONS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_sizes.DeprecatedPreset):
   """T5 hyper-parameters (field names follow HF's config.json).
 
   ``feed_forward_proj`` is "relu" (v1.0) or "gated-gelu" (v1.1 / Flan), or
@@ -128,16 +129,7 @@ class Config:
         "flan-t5-small": dict(d_ff=1024, num_layers=8, num_heads=6, feed_forward_proj="gated-gelu",
                               tie_word_embeddings=False, scale_decoder_outputs=False),
     }
-    if name not in sizes:
-      raise ValueError(f"unknown T5 size {name!r}; choose from {sorted(sizes)}.")
-    return cls(**{**sizes[name], **overrides})
-
-  @classmethod
-  def preset(cls, name: str, **overrides) -> "Config":
-    """Deprecated alias of :meth:`of_size` (a "preset" is a pretrained checkpoint, ``models.PRESETS``)."""
-    warnings.warn(f"{cls.__module__}.Config.preset is deprecated; use Config.of_size({name!r}).",
-                  DeprecationWarning, stacklevel=2)
-    return cls.of_size(name, **overrides)
+    return _sizes.of_size(cls, "T5", sizes, name, overrides)
 
 
 class LayerNorm(nn.Module):

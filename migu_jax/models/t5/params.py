@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from migu_jax.models._checkpoint import (TRANSPOSE, Rule, flatten_params,
-                                         params_to_state_dict, state_dict_to_params)
+from migu_jax.models._checkpoint import (TRANSPOSE, Rule,
+                                         params_to_state_dict, shapes_of, state_dict_to_params)
 from migu_jax.models.t5 import modeling
 
 
@@ -68,8 +68,7 @@ def _init(cfg: modeling.Config, seed: int):
 
 def expected_shapes(cfg: modeling.Config) -> dict[str, tuple[int, ...]]:
   """Flax path -> shape of every parameter, from ``jax.eval_shape`` (no compute)."""
-  shapes = jax.eval_shape(lambda: _init(cfg, 0))
-  return {k: v.shape for k, v in flatten_params(shapes["params"]).items()}
+  return shapes_of(lambda seed: _init(cfg, seed))
 
 
 def init_params(cfg: modeling.Config, seed: int = 0) -> dict:
