@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from migu_jax.cl import report as report_lib
+
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
 RESULTS = HERE / "results"
@@ -97,26 +99,27 @@ def runs_of(root: Path, experiment: str, sub: str, method: str) -> list[dict]:
   return [json.loads(p.read_text()) for p in sorted(folder.glob("seed_*/result.json"))]
 
 
+def _summary(runs: list[dict]) -> dict:
+  """The runs' :func:`migu_jax.cl.report.comparison` row (they are of one method)."""
+  (row,) = report_lib.comparison(runs).values()
+  return row
+
+
 def _stat(runs: list[dict], key: str) -> str:
-  values = [100 * r["metrics"][key] for r in runs if r["metrics"][key] is not None]
-  if not values:
-    return "-"
-  return f"{np.mean(values):.1f}" + (f" ± {np.std(values):.1f}" if len(values) > 1 else "")
-
-
-def _row(label: str, runs: list[dict]) -> str:
-  if not runs:
-    return f"| {label} | not run | | | | | |"
-  wall = np.mean([r["wall_time_s"]["total"] for r in runs])
-  cells = [_stat(runs, k) for k in ("average_accuracy", "backward_transfer", "forward_transfer",
-                                    "average_forgetting")]
-  return f"| {label} | " + " | ".join(cells + [str(len(runs)), f"{wall:.0f}"]) + " |"
+  return report_lib.metric_cell(_summary(runs), key) if runs else "-"
 
 
 def _table(title: str, rows: list[tuple[str, list[dict]]]) -> list[str]:
-  head = ["AA", "BWT", "FWT", "Forgetting", "seeds", "s / run"]
-  lines = [f"### {title}", "", "| | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
-  lines += [_row(label, runs) for label, runs in rows]
+  """The runner's comparison table of the rows that ran, then which did not and the wall time per run."""
+  done = [(label, runs) for label, runs in rows if runs]
+  lines = [f"### {title}", ""]
+  if done:
+    lines.append(report_lib.comparison_table({label: _summary(runs) for label, runs in done}))
+    lines += ["", "Wall time per run (mean): " + ", ".join(
+        f"{label} {np.mean([r['wall_time_s']['total'] for r in runs]):.0f} s" for label, runs in done) + "."]
+  missing = [label for label, runs in rows if not runs]
+  if missing:
+    lines.append("Not run: " + ", ".join(missing) + ".")
   return lines + [""]
 
 

@@ -161,15 +161,23 @@ def comparison_table(comp: dict) -> str:
   lines = ["| method | " + " | ".join(name for _, name in columns) + " | seeds |",
            "|---|" + "---:|" * len(columns) + "---|"]
   for method, row in comp.items():
-    cells = []
-    for key, _ in columns:
-      percent = not perplexity or key.startswith("end_task")
-      cell = (_pct if percent else _ppl)(row.get(key))
-      if row.get(key + "_std") is not None:
-        cell += f" ± {(100 if percent else 1) * row[key + '_std']:.{1 if percent else 2}f}"
-      cells.append(cell)
+    cells = [metric_cell(row, key, percent=not perplexity or key.startswith("end_task")) for key, _ in columns]
     lines.append(f"| {method} | " + " | ".join(cells) + f" | {','.join(map(str, row['seeds']))} |")
   return "\n".join(lines)
+
+
+def metric_cell(row: dict, key: str, *, percent: bool = True) -> str:
+  """One cell of a :func:`comparison` row: ``mean ± std`` (std only over several seeds), in percent or (for
+  perplexities) as it is; ``-`` when missing.
+
+  Example:
+    >>> metric_cell({"average_accuracy": 0.5, "average_accuracy_std": 0.02}, "average_accuracy")
+    '50.0 ± 2.0'
+  """
+  cell = (_pct if percent else _ppl)(row.get(key))
+  if row.get(key + "_std") is not None:
+    cell += f" ± {(100 if percent else 1) * row[key + '_std']:.{1 if percent else 2}f}"
+  return cell
 
 
 def matrix_table(run: dict) -> str:
