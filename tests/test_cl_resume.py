@@ -110,3 +110,23 @@ def test_methods_with_more_state_resume_bit_identical(tiny_models, tmp_path, met
   resumed = runner.run_sequence(cfg, method, 0)
   assert resumed["params_sha256"] == whole["params_sha256"]
   assert resumed["matrix"] == whole["matrix"]
+
+
+def test_a_checkpoint_meta_of_an_older_version_resumes_bit_identical(tiny_models, tmp_path, uninterrupted_run):
+  # Checkpoints written before RunState carry fewer keys (no speed, metric, general, also, end_tasks,
+  # params_sha256); they resume with those at their defaults, to the same parameters.
+  from migu_jax.cl import checkpoint, runner
+
+  cfg = resumable_config(tiny_models, tmp_path)
+  with pytest.raises(Killed):
+    runner.run_sequence(cfg, "migu", 0, callbacks=[_kill_at(0, 10)])  # last save at step 9
+  folder = runner.run_folder(cfg, "migu", 0) / "checkpoints"
+  with checkpoint.RunCheckpoints(folder) as saved:
+    newest = saved.latest()
+  meta_file = folder / str(newest) / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  assert (meta["task"], meta["step"]) == (0, 9)
+  old = {k: v for k, v in meta.items() if k not in ("speed", "metric", "general", "also", "end_tasks",
+                                                    "params_sha256")}
+  meta_file.write_text(json.dumps(old))
+  _same(runner.run_sequence(cfg, "migu", 0), uninterrupted_run)
