@@ -7,9 +7,13 @@ Two objectives, chosen by the model (:func:`make_objective`):
   10% a random token, 10% stay (:func:`mlm_corrupt`, as transformers' ``DataCollatorForLanguageModeling``);
   the loss is the cross-entropy on the chosen tokens.
 * ``causal_lm`` (Llama / SmolLM2): next-token cross-entropy on every real token after the first of a block.
+* ``span_corruption`` (T5, :class:`migu_jax.models.t5.T5ForConditionalGeneration`): T5's pre-training
+  objective (:func:`span_corrupt`): 15% of each block's tokens in spans of mean length 3, each span
+  replaced in the encoder input by one sentinel (``<extra_id_0>``, ``<extra_id_1>``, ...); the decoder
+  predicts ``<extra_id_0> span_0 <extra_id_1> span_1 ... </s>``, cross-entropy on those tokens.
 
 Perplexity is ``exp(total NLL / predicted tokens)`` over a domain's test blocks. For the masked LM it is
-taken on a fixed corruption of the test blocks (one key, each block folded in by its index), the same for
+and the span corruption it is taken on a fixed corruption of the test blocks (one key, each block folded in by its index), the same for
 every model and stage, so the numbers of a matrix compare.
 
 Training corruption is a pure function of the step's key (the runner's ``(seed, task, step)``) and each
@@ -74,6 +78,73 @@ def mlm_corrupt(key, ids, maskable, rows, *, mask_id: int, vocab_size: int, prob
   return jax.vmap(one)(rows, ids, maskable)
 
 
+def _random_segmentation(key, n_items, n_segments, size: int):
+  """Lengths ``[size]`` of ``n_segments`` non-empty segments of ``n_items`` items (the rest 0), the cut points
+  drawn uniformly without replacement (T5's ``_random_segmentation``, at a fixed shape)."""
+  i = jnp.arange(size)
+  valid = (i >= 1) & (i < n_items)
+  scores = jnp.where(valid, jax.random.uniform(key, (size,)), 2.0)
+  cut = valid & (jnp.argsort(jnp.argsort(scores)) < n_segments - 1)
+  segment = jnp.cumsum(cut)
+  return jnp.zeros(size, jnp.int32).at[segment].add((i < n_items).astype(jnp.int32))
+
+
+def _compact(values, keep, fill):
+  """``values[keep]`` moved to the front of an array of the same length, the rest ``fill``."""
+  target = jnp.where(keep, jnp.cumsum(keep) - 1, values.shape[0])
+  return jnp.full_like(values, fill).at[target].set(values, mode="drop"), keep.sum()
+
+
+def span_corrupt(key, ids, lengths, rows, *, sentinels, eos_id: int, pad_id: int, noise_density: float = 0.15,
+                 mean_span: float = 3.0):
+  """T5's span corruption at a fixed shape: ``(inputs, input_mask, targets, target_mask)``, each ``[B, T]``.
+
+  Row ``b``'s first ``lengths[b]`` tokens of ``ids`` are corrupted (the rest of its real tokens, e.g. the
+  final ``</s>``, stay): ``round(density * n)`` of them, in ``round(noise / mean_span)`` spans, the layout
+  ``kept, noise, kept, noise, ...`` drawn from ``fold_in(key, rows[b])``. The input replaces each noise span
+  by the next sentinel (``sentinels[0]``, ``sentinels[1]``, ...); the target is each span after its
+  sentinel, then the sentinel of the kept tokens after the last span (if any), then ``eos_id``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> x, xm, y, ym = span_corrupt(jax.random.key(0), jnp.arange(100, 130)[None], jnp.array([30]), jnp.arange(1),
+    ...                             sentinels=jnp.array([9, 8, 7]), eos_id=1, pad_id=0, noise_density=0.3)
+    >>> print(x[0, :int(xm.sum())].tolist())
+    [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 9, 115, 116, 117, 118, 119, 120, 8, 122, 123, 124, 125, 126, 7]
+    >>> print(y[0, :int(ym.sum())].tolist())
+    [9, 110, 111, 112, 113, 114, 8, 121, 7, 127, 128, 129, 1]
+  """
+  size = ids.shape[1]
+  sentinels = jnp.asarray(sentinels, ids.dtype)
+
+  def one(row, ids_row, n):
+    k_noise, k_kept = jax.random.split(jax.random.fold_in(key, row))
+    noise_n = jnp.clip(jnp.round(n * noise_density).astype(jnp.int32), 1, jnp.maximum(n - 1, 1))
+    spans = jnp.clip(jnp.round(noise_n / mean_span).astype(jnp.int32), 1, jnp.minimum(noise_n, n - noise_n))
+    spans = jnp.minimum(jnp.maximum(spans, 1), sentinels.shape[0])
+    noise_len = _random_segmentation(k_noise, noise_n, spans, size)
+    kept_len = _random_segmentation(k_kept, n - noise_n, spans, size)
+    starts = jnp.cumsum(kept_len) + jnp.cumsum(noise_len) - noise_len  # noise span j after kept_0..kept_j
+    live = jnp.arange(size) < spans
+    marks = (jnp.zeros(size + 1, jnp.int32).at[jnp.where(live, starts, size)].add(1)
+             .at[jnp.where(live, starts + noise_len, size)].add(-1))
+    i = jnp.arange(size)
+    noise = (jnp.cumsum(marks)[:size] > 0) & (i < n)
+    real = ids_row != pad_id
+    first = noise & ~jnp.concatenate([jnp.zeros(1, bool), noise[:-1]])
+    inputs = jnp.where(first, sentinels[jnp.clip(jnp.cumsum(first) - 1, 0, sentinels.shape[0] - 1)], ids_row)
+    inputs, n_in = _compact(inputs, (~noise & real) | first, pad_id)
+    kept = ~noise & (i < n)
+    kept_first = kept & ~jnp.concatenate([jnp.zeros(1, bool), kept[:-1]])
+    targets = jnp.where(kept_first, sentinels[jnp.clip(jnp.cumsum(kept_first) - 1, 0, sentinels.shape[0] - 1)],
+                        ids_row)
+    targets, n_out = _compact(targets, noise | kept_first, pad_id)
+    targets = targets.at[n_out].set(eos_id, mode="drop")
+    return inputs, (i < n_in).astype(jnp.int32), targets, (i < n_out + 1).astype(jnp.int32)
+
+  return jax.vmap(one)(rows, ids, lengths)
+
+
 def token_nll(logits, targets):
   """``-log p(target)`` per position, float32."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -106,7 +177,7 @@ class LanguageModelObjective:
     model_ = model
 
     def nll(model_params, batch):
-      total, count = self._terms(lambda ids: model_.apply({"params": model_params}, ids, batch["mask"]),
+      total, count = self._terms(lambda *args: model_.apply({"params": model_params}, *args),
                                  batch, jax.random.key(_EVAL_KEY))
       return total, count
 
@@ -153,15 +224,15 @@ class LanguageModelObjective:
     key = jax.random.fold_in(jax.random.key(0) if rng is None else rng, 0x4d4c4d)  # not the dropout stream
     out = {}
 
-    def run(ids):
-      logits, out["mags"] = forward(params, ids, batch["mask"], rng=rng)
+    def run(*args):
+      logits, out["mags"] = forward(params, *args, rng=rng)
       return logits
 
     total, count = self._terms(run, batch, key)
     return total / jnp.maximum(count, 1.0), out["mags"]
 
   def _terms(self, run, batch, key):
-    """``(sum of NLL, number of predicted tokens)`` of a batch; ``run(ids)`` gives the logits."""
+    """``(sum of NLL, number of predicted tokens)`` of a batch; ``run(*model_inputs)`` gives the logits."""
     raise NotImplementedError
 
   # Evaluation ---------------------------------------------------------------------------------------
@@ -208,7 +279,7 @@ class MaskedLMObjective(LanguageModelObjective):
     ids = batch["ids"]
     corrupted, chosen = mlm_corrupt(key, ids, batch["maskable"], batch["row"], mask_id=self.mask_id,
                                     vocab_size=self.model.config.vocab_size, probability=self.cfg.mlm_probability)
-    return _weighted(token_nll(run(corrupted), ids), chosen.astype(jnp.float32) * batch["live"][:, None])
+    return _weighted(token_nll(run(corrupted, batch["mask"]), ids), chosen.astype(jnp.float32) * batch["live"][:, None])
 
 
 class CausalLMObjective(LanguageModelObjective):
@@ -222,14 +293,47 @@ class CausalLMObjective(LanguageModelObjective):
 
   def _terms(self, run, batch, key):
     del key
-    logits = run(batch["ids"])
+    logits = run(batch["ids"], batch["mask"])
     weights = batch["mask"][:, 1:].astype(jnp.float32) * batch["live"][:, None]
     return _weighted(token_nll(logits[:, :-1], batch["ids"][:, 1:]), weights)
 
 
+class SpanCorruptionObjective(LanguageModelObjective):
+  """T5: the encoder reads the block with noise spans replaced by sentinels, the decoder predicts the spans
+  (:func:`span_corrupt`). Sentinels are the tokenizer's ``<extra_id_0>``, ``<extra_id_1>``, ...; a tokenizer
+  without them uses the last ids of the vocabulary, where T5's are."""
+
+  name = "span_corruption"
+
+  def __init__(self, model, tokenizer, cfg):
+    super().__init__(model, tokenizer, cfg)
+    count = max(1, cfg.max_length // 2)
+    lookup = getattr(tokenizer, "convert_tokens_to_ids", None)
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    found = [lookup(f"<extra_id_{i}>") if lookup else None for i in range(count)]
+    if all(t is not None and t != unknown for t in found):
+      self.sentinels = np.asarray(found, np.int32)
+    else:
+      self.sentinels = np.arange(model.config.vocab_size - 1, model.config.vocab_size - 1 - count, -1, dtype=np.int32)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    self.eos_id = int(model.config.eos_token_id if eos is None else eos)
+    self.start_id = int(getattr(model.config, "decoder_start_token_id", 0) or 0)
+
+  def separator(self):
+    return [self.eos_id]
+
+  def _terms(self, run, batch, key):
+    lengths = batch["mask"].sum(-1) - len(self.suffix)  # the block's text, not its final </s>
+    x, x_mask, y, y_mask = span_corrupt(key, batch["ids"], lengths, batch["row"], sentinels=self.sentinels,
+                                        eos_id=self.eos_id, pad_id=self.pad_id)
+    dec = jnp.concatenate([jnp.full_like(y[:, :1], self.start_id), y[:, :-1]], 1)
+    logits = run(x, x_mask, dec, y_mask)
+    return _weighted(token_nll(logits, y), y_mask.astype(jnp.float32) * batch["live"][:, None])
+
+
 def load_language_model(spec: str):
   """``(model, params, tokenizer)`` for the LM objective: BERT/RoBERTa with the MLM head
-  (:func:`migu_jax.models.bert.mlm.from_pretrained`), Llama as it is; T5 is not supported yet."""
+  (:func:`migu_jax.models.bert.mlm.from_pretrained`), Llama and T5 as they are."""
   from migu_jax.models import PRESETS, from_pretrained, hub
   from migu_jax.models._checkpoint import read_config
   from migu_jax.models.bert import mlm
@@ -242,24 +346,26 @@ def load_language_model(spec: str):
   model_type = read_config(folder).get("model_type")
   if model_type in ("bert", "roberta"):
     return mlm.from_pretrained(folder)[:3]
-  if model_type == "t5":
-    raise ValueError(f"{spec!r}: T5 span corruption is not implemented yet; with objective='lm' use a BERT/RoBERTa "
-                     "(masked LM) or Llama (causal LM) model.")
   return from_pretrained(folder)
 
 
 def make_objective(model, tokenizer, cfg: ObjectiveConfig) -> LanguageModelObjective:
-  """The objective of ``model``'s family: masked LM for BERT/RoBERTa, causal LM for Llama."""
+  """The objective of ``model``'s family: masked LM for BERT/RoBERTa, causal LM for Llama, span corruption
+  for T5."""
   from migu_jax.models.bert.mlm import BertForMaskedLM
   from migu_jax.models.llama.modeling import LlamaForCausalLM
+  from migu_jax.models.t5.modeling import T5ForConditionalGeneration
 
   if isinstance(model, BertForMaskedLM):
     return MaskedLMObjective(model, tokenizer, cfg)
   if isinstance(model, LlamaForCausalLM):
     return CausalLMObjective(model, tokenizer, cfg)
+  if isinstance(model, T5ForConditionalGeneration):
+    return SpanCorruptionObjective(model, tokenizer, cfg)
   raise ValueError(f"No language-model objective for {type(model).__name__}; objective='lm' supports BERT/RoBERTa "
-                   "(masked LM) and Llama (causal LM).")
+                   "(masked LM), Llama (causal LM) and T5 (span corruption).")
 
 
 __all__ = ["CausalLMObjective", "LanguageModelObjective", "MaskedLMObjective", "OBJECTIVES", "ObjectiveConfig",
-           "load_language_model", "make_objective", "mlm_corrupt", "token_nll"]
+           "SpanCorruptionObjective", "load_language_model", "make_objective", "mlm_corrupt", "span_corrupt",
+           "token_nll"]
