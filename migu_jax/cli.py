@@ -21,6 +21,7 @@ import argparse
 import ast
 import importlib.util
 import json
+import os
 import sys
 import time
 import warnings
@@ -192,6 +193,16 @@ def cmd_report(args) -> int:
   return 0
 
 
+def cmd_plan(args) -> int:
+  """``python -m migu_jax.plan`` in a fresh process: its virtual CPU devices must be set before JAX starts."""
+  import subprocess
+
+  argv = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
+          for k, v in vars(args).items() if k not in ("command", "func") and v not in (None, False)]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "migu_jax.plan", *argv], env=env).returncode
+
+
 def _method_names() -> list[str]:
   from migu_jax.cl.methods import METHODS
 
@@ -250,6 +261,12 @@ def parser() -> argparse.ArgumentParser:
   ev.add_argument("--eval-mode")
   ev.add_argument("--no-progress", action="store_true")
   ev.set_defaults(func=cmd_eval)
+
+  from migu_jax import plan
+
+  pl = plan.add_arguments(sub.add_parser("plan", help="will a MIGU train step fit a slice? compile it for N "
+                                          "(virtual) devices from shapes and print per-device memory"))
+  pl.set_defaults(func=cmd_plan)
 
   rep = sub.add_parser("report", help="tables and plots from finished experiment folders")
   rep.add_argument("folders", nargs="+")

@@ -20,7 +20,11 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +163,76 @@ def fits(report: dict, chip: str) -> tuple[bool, float]:
 
 
 __all__ = ["CHIP_MEMORY_GB", "FIT_FRACTION", "LLAMA_SIZES", "fits", "llama_config", "plan_train_step"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The command: migu-jax plan
+# --------------------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  """The options of ``migu-jax plan`` (and ``python -m migu_jax.plan``)."""
+  p.add_argument("--model", default="llama2-7b")
+  p.add_argument("--devices", type=int, default=8, help="devices of the target slice (simulated on CPU)")
+  p.add_argument("--mesh", help="data,model axis sizes (default: every device on the data axis)")
+  p.add_argument("--sharding", choices=("fsdp", "tensor", "replicated"), default="fsdp")
+  p.add_argument("--chip", default="v5e", help="v4, v5e, v5p, v6e, h100 or h200")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="compute dtype")
+  p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--no-remat", action="store_true", help="keep every layer's activations")
+  p.add_argument("--batch-size", type=int, default=None, help="global rows per step (default: --devices)")
+  p.add_argument("--seq-len", type=int, default=512)
+  p.add_argument("--micro-batches", type=int, default=1)
+  p.add_argument("--layers", type=int, help="override the layer count (a quick, smaller compile)")
+  p.add_argument("--json", help="write the report here")
+  return p
+
+
+def main(argv=None) -> int:
+  """``python -m migu_jax.plan ...``: plans in this process, which must not have started JAX's backend yet
+  (``migu-jax plan`` starts a fresh one). Exit code 0 when the plan fits the chip, 3 when it does not."""
+  args = add_arguments(argparse.ArgumentParser(prog="migu-jax plan", description=__doc__.split("\n")[0])
+                       ).parse_args(argv)
+  # The virtual devices must be set before the backend starts.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+  os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.devices}"])
+  jax.config.update("jax_num_cpu_devices", args.devices)
+  if jax.device_count() != args.devices:
+    raise SystemExit(f"migu-jax plan: JAX sees {jax.device_count()} devices, not --devices {args.devices}; run "
+                     "it in a fresh process with JAX_PLATFORMS=cpu.")
+  shape = tuple(int(v) for v in args.mesh.split(",")) if args.mesh else (args.devices,)
+  names = ("data", "model")[:len(shape)]
+  mesh = jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  overrides = dict(dtype=dtypes[args.dtype], remat=not args.no_remat)
+  if args.layers:
+    overrides["num_hidden_layers"] = args.layers
+  cfg = llama_config(args.model, **overrides)
+  batch = args.batch_size or args.devices
+  start = time.perf_counter()
+  report = plan_train_step(cfg, mesh, strategy=args.sharding, batch_size=batch, seq_len=args.seq_len,
+                                micro_batches=args.micro_batches, param_dtype=dtypes[args.param_dtype])
+  ok, share = fits(report, args.chip)
+  gb = lambda b: f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.2f} MB"
+  report.update(model=args.model, layers=cfg.num_hidden_layers, devices=args.devices, mesh=dict(zip(names, shape)),
+                sharding=args.sharding, chip=args.chip, chip_gb=CHIP_MEMORY_GB[args.chip], fits=ok,
+                share=share, dtype=args.dtype, param_dtype=args.param_dtype, remat=not args.no_remat,
+                batch_size=batch, seq_len=args.seq_len, compile_s=time.perf_counter() - start)
+  print(f"plan: {args.model} ({report['parameters'] / 1e9:.2f} B parameters, {cfg.num_hidden_layers} layers), "
+        f"mesh {report['mesh']}, sharding {args.sharding}, compute {args.dtype}, params {args.param_dtype}, "
+        f"remat {report['remat']}, batch {batch} x {args.seq_len}")
+  print(f"  per device: arguments {gb(report['argument_bytes'])} (parameters + AdamW state "
+        f"{gb(report['state_bytes'])}), outputs {gb(report['output_bytes'])}, temporaries "
+        f"{gb(report['temp_bytes'])}, donated {gb(report['alias_bytes'])}")
+  print(f"  peak {gb(report['peak_bytes'])} of {args.chip}'s {report['chip_gb']} GB ({100 * share:.0f}%): "
+        f"{'fits' if ok else 'does NOT fit'} (limit {100 * FIT_FRACTION:.0f}%)")
+  print(f"  {report['flops'] / 1e12:.2f} TFLOP per step per device; compiled in {report['compile_s']:.0f} s")
+  print("  sharding: " + "; ".join(f"{k} {v}" for k, v in report["specs"].items()))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=2)
+  return 0 if ok else 3
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,4 +1,4 @@
-"""Planning a run from shapes (migu_jax/plan.py, experiments/plan_scale.py) on virtual CPU devices.
+"""Planning a run from shapes (migu_jax/plan.py: `migu-jax plan`, experiments/plan_scale.py) on virtual CPU devices.
 
 On 8 devices a tiny Llama's FSDP plan holds an eighth of the replicated plan's parameters and AdamW state per
 device (by the specs, and in XLA's argument sizes), and reports FLOPs; the script prints the verdict for a
@@ -47,10 +47,12 @@ def test_model_names_and_config_files(tmp_path):
     plan.fits({"peak_bytes": 1}, "v99")
 
 
-def test_script_reports_the_verdict(tmp_path):
+@pytest.mark.parametrize("command", [["-m", "migu_jax.cli", "plan"], [str(REPO / "experiments" / "plan_scale.py")]],
+                         ids=["migu-jax plan", "plan_scale.py"])
+def test_plan_command_reports_the_verdict(tmp_path, command):
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
   env.pop("XLA_FLAGS", None)
-  out = subprocess.run([sys.executable, str(REPO / "experiments" / "plan_scale.py"), "--model", "tiny",
+  out = subprocess.run([sys.executable, *command, "--model", "tiny",
                         "--layers", "1", "--devices", "4", "--seq-len", "16", "--chip", "v4", "--json",
                         str(tmp_path / "plan.json")], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
