@@ -93,7 +93,7 @@ def test_one_compilation_serves_every_task(tiny_models, tmp_path):
   cfg = tiny_config(tiny_models["bert"], tmp_path, magnitude_batches=0)  # one length bucket
   runner.run_sequence(cfg, "migu", 0)
   head = runner._head(cfg, runner.load_tasks(cfg, 0))
-  _, step = runner._train_step(cfg, methods.get_method("migu"), 0, head)
+  _, step, _ = runner._step_and_placement(cfg, methods.get_method("migu"), 0, head)
   assert step.compiled._cache_size() == 1  # unmasked first task, masked later ones, replayed rows: one program
 
 
