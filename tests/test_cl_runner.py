@@ -206,3 +206,11 @@ def test_options_scored_from_one_prompt_pass_equal_the_pairwise_scores(tiny_mode
   np.testing.assert_allclose(cached, pairwise, rtol=1e-4, atol=1e-4)
   assert head.correct({"model": params}, 0, records) == int(sum(
       task.labels[k] == r.label for k, r in zip(pairwise.argmax(1), records)))
+
+
+def test_a_max_length_beyond_the_position_table_is_an_error(tiny_models, tmp_path):
+  from migu_jax.cl import runner
+
+  cfg = tiny_config(tiny_models["bert"], tmp_path, max_length=64, length_buckets=(64,))  # the tiny BERT has 32
+  with pytest.raises(ValueError, match=r"max_length=64 is longer than the 32 positions .*--max-length 32"):
+    runner.run_sequence(cfg, "migu", 0)

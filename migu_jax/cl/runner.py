@@ -520,8 +520,12 @@ _HEAD_KEYS = ("model", "objective", "mlm_probability", "head", "eval_mode", "ord
 
 _REUSED: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
 """This process' heads and compiled train steps, keyed by the settings that make them (JSON), so later runs
-of one process (seeds, tuning runs, resumed runs, the CLI's) reuse them; the least recently used goes after
-16 (each holds a model and its compiled steps)."""
+of one process (seeds, resumed runs, the CLI's) reuse them."""
+
+_REUSED_MAX = 4
+"""How many settings :data:`_REUSED` keeps (least recently used out first). Each holds compiled programs, one
+per padded batch shape (up to ``max_length / pad_multiple`` of them): a tuning process that kept 16 settings
+of MiniLM grew to 9.7 GB and failed to allocate compiled code."""
 
 
 def _cached(key: tuple, build: Callable[[], Any]):
@@ -529,7 +533,7 @@ def _cached(key: tuple, build: Callable[[], Any]):
     _REUSED.move_to_end(key)
   else:
     _REUSED[key] = build()
-    while len(_REUSED) > 16:
+    while len(_REUSED) > _REUSED_MAX:
       _REUSED.popitem(last=False)
   return _REUSED[key]
 
@@ -729,6 +733,16 @@ class RunState:
     return dataclasses.asdict(self)
 
 
+def _check_positions(cfg: Config, model_cfg) -> None:
+  """BERT/RoBERTa learn one embedding per position: a longer ``max_length`` would read past the table (NaN)."""
+  if getattr(model_cfg, "model_type", None) not in ("bert", "roberta"):
+    return
+  limit = model_cfg.max_position_embeddings - (model_cfg.pad_token_id + 1 if model_cfg.model_type == "roberta" else 0)
+  if cfg.max_length > limit:
+    raise ValueError(f"Config.max_length={cfg.max_length} is longer than the {limit} positions {cfg.model!r} has "
+                     f"(max_position_embeddings={model_cfg.max_position_embeddings}); use --max-length {limit} or less.")
+
+
 def magnitude_capture(cfg: Config, head: heads_lib.Head, tasks: Sequence[Task], seed: int,
                       folder: epath.Path) -> Callback:
   """The callback that writes the statistics behind the paper's Figure 1: on ``"initial"``, every task's
@@ -782,6 +796,7 @@ class _Run:
     tasks, general = load_tasks(cfg, seed), load_general(cfg, seed)
     _, model_params, _ = run_model(cfg)
     head = _head(cfg, tasks)
+    _check_positions(cfg, head.model.config)
     warning = heads_lib.rate_warning(head, cfg.schedule, cfg.learning_rate)
     if warning and is_writer():
       warnings.warn(f"{name} seed {seed}: {warning}", stacklevel=4)
