@@ -32,6 +32,9 @@ computation runs: under ``jax.jit`` the quantile of a sharded statistic is
 still over the whole output axis, so a sharded MIGU step applies the same mask
 as one device.
 
+Evaluation keeps the parameters where training placed them and splits each batch over the data axis
+(:func:`shard_rows`); the train step places its own batches.
+
 Example:
   >>> import numpy as np, jax
   >>> rules = ((r"q_proj/kernel$", ("embed", "heads")), (r"norm/scale$", ("norm",)))
@@ -172,6 +175,28 @@ def constrain(tree, mesh: Mesh, specs):
   return treedef.unflatten(constrained)
 
 
+def shard_rows(tree, mesh: Mesh, data_axis: str = "data"):
+  """A host batch (the whole batch, the same on every process) on ``mesh``: each leaf whose leading axis
+  divides by the ``data_axis`` size split over it (``P(data_axis)``), the others replicated. Every process
+  fills only its own devices' shards (``jax.make_array_from_callback``), so it works across hosts.
+
+  Example:
+    >>> import jax
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    >>> shard_rows({"ids": np.zeros((jax.device_count(), 3))}, mesh)["ids"].sharding.spec
+    P('data',)
+  """
+  n = dict(zip(mesh.axis_names, mesh.devices.shape))[data_axis]
+
+  def put(x):
+    x = np.asarray(x)
+    split = x.ndim > 0 and x.shape[0] % n == 0
+    where = NamedSharding(mesh, P(data_axis) if split else P())
+    return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
+
+  return jax.tree.map(put, tree)
+
+
 def unmatched(tree, rules: Rules, *, suffixes: tuple[str, ...] = ("kernel", "embedding")) -> list[str]:
   """Paths of leaves ending in one of ``suffixes`` that no rule places: what a family's table misses
   (its tests check it is empty)."""
@@ -184,4 +209,4 @@ def unmatched(tree, rules: Rules, *, suffixes: tuple[str, ...] = ("kernel", "emb
 
 
 __all__ = ["LOGICAL_AXES", "STRATEGIES", "Rules", "constrain", "leaf_axes", "logical_to_mesh", "partition_spec",
-           "partition_specs", "path_names", "place", "specs_by_rules", "unmatched"]
+           "partition_specs", "path_names", "place", "shard_rows", "specs_by_rules", "unmatched"]
