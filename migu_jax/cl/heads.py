@@ -26,6 +26,10 @@ shapes small), or to the smallest of the fixed ``length_buckets`` (``padding="bu
 batches always use the buckets. Padded positions count in MIGU's ``sum |y|`` as in the reference, unless
 the run is ``padding_aware``.
 
+Placement (:class:`EvalPlacement`): evaluation runs on one device, or on a mesh with the parameters where
+training placed them (sharded under FSDP) and every batch split over the data axis, padded with filler rows
+to a multiple of its size (dropped from the results).
+
 Exact match (``eval_mode="generate"``) compares the decoded text and the label after the reference's
 normalisation (:func:`normalize_answer`: lower case, no punctuation, single spaces).
 """
@@ -35,7 +39,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +98,40 @@ class HeadConfig:
 
 
 PADDINGS = ("longest", "buckets")
+
+
+def _host(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPlacement:
+  """Where a head's evaluation batches run (the parameters stay where the caller placed them).
+
+  The default is one device: host batches go in as they are, results come back as numpy arrays. On a mesh
+  (:func:`migu_jax.cl.runner.eval_placement`) ``rows`` is the data axis' size, ``put`` splits a host batch
+  over it (:func:`migu_jax.sharding.shard_rows`) and ``get`` brings results back to every process
+  (:func:`migu_jax.train_step.fetch_global`), so the jitted evaluation functions are partitioned by XLA
+  like the train step.
+
+  Attributes:
+    rows: every evaluation batch has a multiple of this many rows (filler rows, dropped from the results).
+    put: host batch (a pytree of arrays with rows first) -> device arrays.
+    get: device results -> host numpy values.
+  """
+
+  rows: int = 1
+  put: Callable[[Any], Any] = lambda tree: tree
+  get: Callable[[Any], Any] = _host
+
+  def padded(self, n: int) -> int:
+    """``n`` rows rounded up to a multiple of :attr:`rows`.
+
+    Example:
+      >>> EvalPlacement(rows=4).padded(6)
+      8
+    """
+    return -(-n // self.rows) * self.rows
 
 
 def _bucket(n: int, cfg: HeadConfig) -> int:
@@ -186,7 +225,8 @@ class Head:
   name = "head"
   eval_mode = "options"
 
-  def __init__(self, model, tokenizer, tasks: Sequence[Task], cfg: HeadConfig):
+  def __init__(self, model, tokenizer, tasks: Sequence[Task], cfg: HeadConfig,
+               placement: EvalPlacement = EvalPlacement()):
     if tokenizer is None:
       raise ValueError(f"{type(self).__name__}: the model came without a tokenizer. Put the tokenizer files "
                        "(tokenizer.json / vocab.txt ...) in the model folder, or use a preset such as 'minilm'.")
@@ -194,6 +234,7 @@ class Head:
       raise ValueError(f"padding={cfg.padding!r}, pad_multiple={cfg.pad_multiple}: choose padding from "
                        f"{PADDINGS} and pad_multiple >= 1 (config.padding / config.pad_multiple).")
     self.model, self.tokenizer, self.tasks, self.cfg = model, tokenizer, list(tasks), cfg
+    self.placement = placement
     self.prompts = PromptCache(tokenizer, tasks, cfg.copa_prompt)
     self.pad_id = _pad_id(tokenizer)
     self.special_prefix, self.special_suffix = special_tokens(tokenizer)
@@ -265,8 +306,8 @@ class EncoderOptionHead(Head):
   name = "encoder"
   eval_mode = "options"
 
-  def __init__(self, model, tokenizer, tasks, cfg):
-    super().__init__(model, tokenizer, tasks, cfg)
+  def __init__(self, model, tokenizer, tasks, cfg, placement=EvalPlacement()):
+    super().__init__(model, tokenizer, tasks, cfg, placement)
     self.labels = list(dict.fromkeys(label for t in tasks for label in t.labels))
     index = {label: i for i, label in enumerate(self.labels)}
     self.options = [np.array([index[label] for label in t.labels]) for t in tasks]
@@ -325,19 +366,20 @@ class EncoderOptionHead(Head):
     return int(sum(labels[p] == r.label for p, r in zip(pred, records)))
 
   def predict(self, params, task_index, records, progress=None):
-    labels = self._embed(params["model"], self.label_ids, self.label_mask)
+    put, get = self.placement.put, self.placement.get
+    labels = self._embed(params["model"], *put((self.label_ids, self.label_mask)))
     options = self.options[task_index]
     examples = [(task_index, r) for r in records]
     rows = self._prompt_rows(examples)
     order = np.argsort([len(r) for r in rows], kind="stable")  # similar lengths share a bucket
     pred = np.zeros(len(records), np.int64)
-    bs = self.cfg.eval_batch_size
+    bs, filled = self.cfg.eval_batch_size, self.placement.padded(self.cfg.eval_batch_size)
     for start in range(0, len(rows), bs):
       chunk = order[start:start + bs]
-      batch_rows = [rows[i] for i in chunk] + [rows[chunk[0]]] * (bs - len(chunk))  # fixed batch shape
+      batch_rows = [rows[i] for i in chunk] + [rows[chunk[0]]] * (filled - len(chunk))  # fixed batch shape
       ids, mask = _pad(batch_rows, _bucket(max(map(len, batch_rows)), self.cfg), self.pad_id)
-      emb = self._embed(params["model"], ids, mask)
-      scores = np.asarray(emb @ labels[options].T)[:len(chunk)]
+      emb = self._embed(params["model"], *put((ids, mask)))
+      scores = get(emb @ labels[options].T)[:len(chunk)]
       pred[chunk] = np.argmax(scores, axis=1)
       if progress is not None:
         progress(len(chunk))
@@ -352,8 +394,8 @@ class EncoderOptionHead(Head):
 class _LanguageModelHead(Head):
   """Shared parts of the causal-LM and seq2seq heads: answers, option scoring and greedy decoding."""
 
-  def __init__(self, model, tokenizer, tasks, cfg):
-    super().__init__(model, tokenizer, tasks, cfg)
+  def __init__(self, model, tokenizer, tasks, cfg, placement=EvalPlacement()):
+    super().__init__(model, tokenizer, tasks, cfg, placement)
     if cfg.eval_mode not in self.EVAL_MODES:
       raise ValueError(f"eval_mode={cfg.eval_mode!r} is not one of {sorted(self.EVAL_MODES)} "
                        f"({type(self).__name__}); set --eval-mode / config.eval_mode.")
@@ -398,17 +440,17 @@ class _LanguageModelHead(Head):
     labels = self.tasks[task_index].labels
     scores = np.zeros((len(records), len(labels)))
     order = np.argsort([len(r.sentence) for r in records], kind="stable")  # similar lengths share a bucket
-    bs = self.cfg.eval_batch_size
+    bs, filled = self.cfg.eval_batch_size, self.placement.padded(self.cfg.eval_batch_size)
     for start in range(0, len(records), bs):
       idx = order[start:start + bs]
-      chunk = [records[i] for i in idx] + [records[idx[0]]] * (bs - len(idx))  # fixed batch shape
-      scores[idx] = np.asarray(self._option_scores(params["model"], task_index, chunk))[:len(idx)]
+      chunk = [records[i] for i in idx] + [records[idx[0]]] * (filled - len(idx))  # fixed batch shape
+      scores[idx] = self._option_scores(params["model"], task_index, chunk)[:len(idx)]
       if progress is not None:
         progress(len(idx))
     return np.argmax(scores, axis=1)
 
   def _option_scores(self, model_params, task_index, records):
-    """``[len(records), n_options]`` total log-likelihoods; subclasses score from one prompt pass."""
+    """``[len(records), n_options]`` total log-likelihoods (numpy); subclasses score from one prompt pass."""
     return self._pairwise_option_scores(model_params, task_index, records)
 
   def _pairwise_option_scores(self, model_params, task_index, records):
@@ -416,12 +458,12 @@ class _LanguageModelHead(Head):
     labels = self.tasks[task_index].labels
     pairs = [(i, k) for i in range(len(records)) for k in range(len(labels))]
     scores = np.zeros((len(records), len(labels)))
-    bs = self.cfg.eval_batch_size
+    bs, filled = self.cfg.eval_batch_size, self.placement.padded(self.cfg.eval_batch_size)
     for start in range(0, len(pairs), bs):
       n = min(bs, len(pairs) - start)
-      chunk = pairs[start:start + n] + [pairs[start]] * (bs - n)  # fixed batch shape
+      chunk = pairs[start:start + n] + [pairs[start]] * (filled - n)  # fixed batch shape
       batch = self._scoring_batch(task_index, [(records[i], labels[k]) for i, k in chunk])
-      logp = np.asarray(self._score(model_params, batch))
+      logp = self.placement.get(self._score(model_params, self.placement.put(batch)))
       for (i, k), s in zip(chunk[:n], logp[:n]):
         scores[i, k] = s
     return scores
@@ -435,13 +477,13 @@ class _LanguageModelHead(Head):
   def _correct_by_generation(self, params, task_index, records, progress):
     """Greedy decoding; exact match of the decoded text with the label (:func:`normalize_answer`)."""
     n_new = self.cfg.max_new_tokens or self._max_answer(task_index)
-    bs = self.cfg.eval_batch_size
+    bs, filled = self.cfg.eval_batch_size, self.placement.padded(self.cfg.eval_batch_size)
     n_correct = 0
     for start in range(0, len(records), bs):
       chunk = list(records[start:start + bs])
       n = len(chunk)
-      chunk = chunk + [chunk[0]] * (bs - n)
-      tokens = np.asarray(self._generate(params["model"], task_index, chunk, n_new))
+      chunk = chunk + [chunk[0]] * (filled - n)
+      tokens = self.placement.get(self._generate(params["model"], task_index, chunk, n_new))
       for r, row in zip(chunk[:n], tokens[:n]):
         row = list(row)
         if self.eos_id is not None and self.eos_id in row:
@@ -463,8 +505,8 @@ class CausalLMHead(_LanguageModelHead):
 
   name = "causal_lm"
 
-  def __init__(self, model, tokenizer, tasks, cfg):
-    super().__init__(model, tokenizer, tasks, cfg)
+  def __init__(self, model, tokenizer, tasks, cfg, placement=EvalPlacement()):
+    super().__init__(model, tokenizer, tasks, cfg, placement)
     model_ = model
 
     def score(model_params, batch):
@@ -520,13 +562,14 @@ class CausalLMHead(_LanguageModelHead):
     budget = self.cfg.max_length - longest - self.n_special
     rows = [self.with_special(self.prompts.prompt(task_index, r.sentence, budget)) for r in records]
     ids, mask = _pad(rows, _bucket(max(map(len, rows)), self.cfg), self.pad_id, left=True)
-    return option_log_likelihoods(self.model, model_params, ids, mask, option_ids, option_mask)
+    ids, mask = self.placement.put((ids, mask))
+    return self.placement.get(option_log_likelihoods(self.model, model_params, ids, mask, option_ids, option_mask))
 
   def _generate(self, model_params, task_index, records, n_new):
     budget = self.cfg.max_length - self.n_special
     rows = [self.with_special(self.prompts.prompt(task_index, r.sentence, budget)) for r in records]
     ids, mask = _pad(rows, _bucket(max(map(len, rows)), self.cfg), self.pad_id, left=True)
-    return self._generate_fn(model_params, ids, mask, n_new)
+    return self._generate_fn(model_params, *self.placement.put((ids, mask)), n_new)
 
 
 class Seq2SeqHead(_LanguageModelHead):
@@ -534,8 +577,8 @@ class Seq2SeqHead(_LanguageModelHead):
 
   name = "seq2seq"
 
-  def __init__(self, model, tokenizer, tasks, cfg):
-    super().__init__(model, tokenizer, tasks, cfg)
+  def __init__(self, model, tokenizer, tasks, cfg, placement=EvalPlacement()):
+    super().__init__(model, tokenizer, tasks, cfg, placement)
     model_ = model
     self.start_id = int(getattr(model.config, "decoder_start_token_id", 0) or 0)
 
@@ -586,14 +629,14 @@ class Seq2SeqHead(_LanguageModelHead):
     """T5: the encoder runs once per prompt, the decoder once per option."""
     (option_ids, option_mask), _ = self._option_rows(task_index)
     rows = [self._encoder_ids(task_index, r.sentence) for r in records]
-    ids, mask = _pad(rows, _bucket(max(map(len, rows)), self.cfg), self.pad_id)
-    return option_log_likelihoods_seq2seq(self.model, model_params, ids, mask, option_ids, option_mask,
-                                          self.start_id)
+    ids, mask = self.placement.put(_pad(rows, _bucket(max(map(len, rows)), self.cfg), self.pad_id))
+    return self.placement.get(option_log_likelihoods_seq2seq(self.model, model_params, ids, mask, option_ids,
+                                                             option_mask, self.start_id))
 
   def _generate(self, model_params, task_index, records, n_new):
     rows = [self._encoder_ids(task_index, r.sentence) for r in records]
     ids, mask = _pad(rows, _bucket(max(map(len, rows)), self.cfg), self.pad_id)
-    return self._generate_fn(model_params, ids, mask, n_new)
+    return self._generate_fn(model_params, *self.placement.put((ids, mask)), n_new)
 
 
 HEADS: dict[str, type[Head]] = {
@@ -607,8 +650,9 @@ DEFAULT_HEADS: dict[str, str] = {"bert": "encoder", "roberta": "encoder", "llama
 """A model's ``config.model_type`` -> the head used unless the config names one."""
 
 
-def make_head(name: str | None, model, tokenizer, tasks: Sequence[Task], cfg: HeadConfig) -> Head:
-  """The head ``name`` (default: by the model's family) for ``tasks``.
+def make_head(name: str | None, model, tokenizer, tasks: Sequence[Task], cfg: HeadConfig,
+              placement: EvalPlacement = EvalPlacement()) -> Head:
+  """The head ``name`` (default: by the model's family) for ``tasks``, evaluating by ``placement``.
 
   Raises:
     ValueError: an unknown head name or model family; the message lists the known ones.
@@ -621,4 +665,4 @@ def make_head(name: str | None, model, tokenizer, tasks: Sequence[Task], cfg: He
     name = DEFAULT_HEADS[model_type]
   if name not in HEADS:
     raise ValueError(f"Unknown head {name!r}; choose one of {sorted(HEADS)} (config.head / --head).")
-  return HEADS[name](model, tokenizer, tasks, cfg)
+  return HEADS[name](model, tokenizer, tasks, cfg, placement)

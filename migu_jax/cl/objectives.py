@@ -22,7 +22,8 @@ and the same again when a run resumes.
 
 An objective has the interface of :class:`migu_jax.cl.heads.Head` the runner uses (``init``,
 ``train_batch``, ``loss``) and :meth:`LanguageModelObjective.perplexity` for evaluation (``metric =
-"perplexity"``).
+"perplexity"``), run by an :class:`~migu_jax.cl.heads.EvalPlacement` (one device, or split over a mesh's data
+axis) as the heads' evaluation.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -44,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from migu_jax.cl import text as text_lib
-from migu_jax.cl.heads import special_tokens
+from migu_jax.cl.heads import EvalPlacement, special_tokens
 
 OBJECTIVES = ("task", "lm")
 """``Config.objective``: the labeled-task heads (:mod:`migu_jax.cl.heads`) or the model's own LM objective."""
@@ -163,11 +164,11 @@ class LanguageModelObjective:
   metric = "perplexity"
   eval_mode = "perplexity"
 
-  def __init__(self, model, tokenizer, cfg: ObjectiveConfig):
+  def __init__(self, model, tokenizer, cfg: ObjectiveConfig, placement: EvalPlacement = EvalPlacement()):
     if tokenizer is None:
       raise ValueError(f"{type(self).__name__}: the model came without a tokenizer; put its files in the model "
                        "folder or use a preset such as 'minilm'.")
-    self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+    self.model, self.tokenizer, self.cfg, self.placement = model, tokenizer, cfg, placement
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = getattr(tokenizer, "eos_token_id", None) if pad is None else pad
     self.pad_id = int(pad or 0)
@@ -238,15 +239,17 @@ class LanguageModelObjective:
   # Evaluation ---------------------------------------------------------------------------------------
 
   def perplexity(self, params, task_index: int | None, blocks, progress=None) -> float:
-    """``exp(NLL / tokens)`` over ``blocks`` with plain ``{"model", ...}`` params (fixed batch shape)."""
+    """``exp(NLL / tokens)`` over ``blocks`` with plain ``{"model", ...}`` params (fixed batch shape, a
+    multiple of the placement's rows)."""
     del task_index
     total, count, bs = 0.0, 0.0, self.cfg.eval_batch_size
+    filled = self.placement.padded(bs)
     for start in range(0, len(blocks), bs):
       chunk = list(blocks[start:start + bs])
       n = len(chunk)
-      batch = self._batch(chunk + [chunk[0]] * (bs - n), rows=np.arange(start, start + bs))
+      batch = self._batch(chunk + [chunk[0]] * (filled - n), rows=np.arange(start, start + filled))
       batch["live"][n:] = 0  # the filler rows predict nothing
-      t, c = self._nll(params["model"], batch)
+      t, c = self.placement.get(self._nll(params["model"], self.placement.put(batch)))
       total, count = total + float(t), count + float(c)
       if progress is not None:
         progress(n)
@@ -264,13 +267,13 @@ class MaskedLMObjective(LanguageModelObjective):
 
   name = "masked_lm"
 
-  def __init__(self, model, tokenizer, cfg):
+  def __init__(self, model, tokenizer, cfg, placement=EvalPlacement()):
     mask_id = getattr(tokenizer, "mask_token_id", None)
     if mask_id is None:
       raise ValueError("MaskedLMObjective: the tokenizer has no mask token ([MASK] / <mask>); a masked LM needs "
                        "one (set tokenizer.mask_token).")
     self.mask_id = int(mask_id)
-    super().__init__(model, tokenizer, cfg)
+    super().__init__(model, tokenizer, cfg, placement)
 
   def separator(self):
     return list(self.suffix[-1:])  # [SEP] (BERT) or </s> (RoBERTa) between documents
@@ -305,8 +308,8 @@ class SpanCorruptionObjective(LanguageModelObjective):
 
   name = "span_corruption"
 
-  def __init__(self, model, tokenizer, cfg):
-    super().__init__(model, tokenizer, cfg)
+  def __init__(self, model, tokenizer, cfg, placement=EvalPlacement()):
+    super().__init__(model, tokenizer, cfg, placement)
     count = max(1, cfg.max_length // 2)
     lookup = getattr(tokenizer, "convert_tokens_to_ids", None)
     unknown = getattr(tokenizer, "unk_token_id", None)
@@ -349,19 +352,20 @@ def load_language_model(spec: str):
   return from_pretrained(folder)
 
 
-def make_objective(model, tokenizer, cfg: ObjectiveConfig) -> LanguageModelObjective:
+def make_objective(model, tokenizer, cfg: ObjectiveConfig,
+                   placement: EvalPlacement = EvalPlacement()) -> LanguageModelObjective:
   """The objective of ``model``'s family: masked LM for BERT/RoBERTa, causal LM for Llama, span corruption
-  for T5."""
+  for T5; its perplexity evaluated by ``placement``."""
   from migu_jax.models.bert.mlm import BertForMaskedLM
   from migu_jax.models.llama.modeling import LlamaForCausalLM
   from migu_jax.models.t5.modeling import T5ForConditionalGeneration
 
   if isinstance(model, BertForMaskedLM):
-    return MaskedLMObjective(model, tokenizer, cfg)
+    return MaskedLMObjective(model, tokenizer, cfg, placement)
   if isinstance(model, LlamaForCausalLM):
-    return CausalLMObjective(model, tokenizer, cfg)
+    return CausalLMObjective(model, tokenizer, cfg, placement)
   if isinstance(model, T5ForConditionalGeneration):
-    return SpanCorruptionObjective(model, tokenizer, cfg)
+    return SpanCorruptionObjective(model, tokenizer, cfg, placement)
   raise ValueError(f"No language-model objective for {type(model).__name__}; objective='lm' supports BERT/RoBERTa "
                    "(masked LM), Llama (causal LM) and T5 (span corruption).")
 
