@@ -66,6 +66,7 @@ from migu_jax.cl import storage
 from migu_jax.cl import tune as tune_lib
 from migu_jax.cl.data import DataError, Task, load_task, resolve_order
 from migu_jax.cl.locate import resolve_data_dir
+from migu_jax.train_step import fetch_global
 
 
 @dataclasses.dataclass
@@ -144,8 +145,9 @@ class Config:
   divides by its size (see :func:`shard_spec`). ``sharding``: ``"replicated"`` (as just said) or ``"fsdp"``
   (mesh mode: parameters, gradients, optimizer state and MIGU's statistics split by the model family's
   rules, ``embed`` over the data axis and ``vocab``/``mlp``/``heads`` over the model axis; see
-  :mod:`migu_jax.sharding`). These settings change where the same computation runs, not what it computes: a
-  run may resume on another mode, mesh or sharding.
+  :mod:`migu_jax.sharding`). Evaluation runs on the same mesh (:func:`eval_placement`): the parameters stay
+  where training placed them and each evaluation batch is split over the data axis. These settings change
+  where the same computation runs, not what it computes: a run may resume on another mode, mesh or sharding.
   """
 
   model: str = "minilm"
@@ -477,7 +479,8 @@ def capture_magnitudes(head: heads_lib.Head, params, examples, cfg: Config, seed
                        ) -> dict[str, np.ndarray]:
   """Output magnitudes of every linear layer of the plain model, summed over ``n_batches`` batches of
   ``examples`` (drawn with ``seed``), as ``{"layer/path/kernel": vector}``. ``head`` is ``cfg``'s (the one
-  the runner builds for it): the compiled capture is reused by ``cfg``'s head settings."""
+  the runner builds for it): the compiled capture is reused by ``cfg``'s head settings, and runs by its
+  placement (on a mesh: every process takes part, each gets the result)."""
   def build():
     forward = methods_lib.make_forward(methods_lib.get_method("seqft"), cfg, head.model)
     return jax.jit(lambda p, b: head.loss(forward, p, b)[1]["model"])
@@ -487,8 +490,9 @@ def capture_magnitudes(head: heads_lib.Head, params, examples, cfg: Config, seed
   rng = np.random.default_rng([seed, 99])
   for _ in range(n_batches):
     idx = rng.choice(len(examples), min(cfg.batch_size, len(examples)), replace=False)
-    mags = fn(params, head.train_batch([examples[i] for i in idx]))
+    mags = fn(params, head.placement.put(head.train_batch([examples[i] for i in idx])))
     total = mags if total is None else jax.tree.map(jnp.add, total, mags)
+  total = head.placement.get(total)
   return {"/".join(p): np.asarray(v).reshape(-1) for p, v in traverse_util.flatten_dict(total).items()}
 
 
@@ -509,9 +513,10 @@ def _save_npz(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
 
 Callback = Callable[[str, dict], None]
 """``callback(event, info)``: events ``"initial"`` (before the initial evaluation; ``info["params"]``: the
-model's plain parameters), ``"step"`` (after each train step), ``"saved"`` (after each checkpoint),
-``"trained"`` (after a task's last step, with ``"task"`` and ``"params"``), ``"task_done"`` (after each
-task's evaluation, with its ``"row"``)."""
+model's plain parameters, placed as evaluation takes them: on a mesh, sharded as in training), ``"step"``
+(after each train step), ``"saved"`` (after each checkpoint), ``"trained"`` (after a task's last step, with
+``"task"`` and ``"params"``), ``"task_done"`` (after each task's evaluation, with its ``"row"``). Every
+process calls them."""
 
 
 _HEAD_KEYS = ("model", "objective", "mlm_probability", "head", "eval_mode", "order", "max_length", "length_buckets",
@@ -538,19 +543,25 @@ def _cached(key: tuple, build: Callable[[], Any]):
   return _REUSED[key]
 
 
+_PLACEMENT_KEYS = ("mode", "mesh_shape", "data_axis", "model_axis")
+"""The settings of a head's :func:`eval_placement` (part of its key, not of a run's identity)."""
+
+
 def _head_key(cfg: Config) -> tuple:
-  return ("head",) + tuple(json.dumps(_json_ready(getattr(cfg, k))) for k in _HEAD_KEYS)
+  return ("head",) + tuple(json.dumps(_json_ready(getattr(cfg, k))) for k in _HEAD_KEYS + _PLACEMENT_KEYS)
 
 
 def _head(cfg: Config, tasks: Sequence[Task]) -> heads_lib.Head:
-  """The run's head; it uses only the tasks' names, categories and labels, the same for every seed."""
+  """The run's head, evaluating by :func:`eval_placement`; it uses only the tasks' names, categories and
+  labels, the same for every seed."""
 
   def build():
     model, _, tokenizer = run_model(cfg)
     if cfg.objective == "lm":
       return objectives_lib.make_objective(model, tokenizer, objectives_lib.ObjectiveConfig(
-          max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size, mlm_probability=cfg.mlm_probability))
-    return heads_lib.make_head(cfg.head, model, tokenizer, tasks, cfg.head_config())
+          max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size, mlm_probability=cfg.mlm_probability),
+          eval_placement(cfg))
+    return heads_lib.make_head(cfg.head, model, tokenizer, tasks, cfg.head_config(), eval_placement(cfg))
 
   return _cached(_head_key(cfg), build)
 
@@ -583,16 +594,28 @@ def shard_spec(shape: tuple[int, ...], model_size: int, model_axis: str) -> jax.
   return P(*[model_axis if i == axes[-1] else None for i in range(axes[-1] + 1)])
 
 
+def eval_placement(cfg: Config) -> heads_lib.EvalPlacement:
+  """Where the run evaluates. One device (``mode="jit"``): as built. A mesh: the run's mesh
+  (:func:`make_mesh`), the parameters left where training placed them (no gather: a model that trains
+  sharded evaluates sharded), each batch padded to a multiple of the data axis' size and split over it
+  (:func:`migu_jax.sharding.shard_rows`), results fetched to every process as the state is
+  (:func:`migu_jax.train_step.fetch_global`). Every process evaluates the same records together."""
+  if cfg.mode != "mesh":
+    return heads_lib.EvalPlacement()
+  mesh = make_mesh(cfg)
+  return heads_lib.EvalPlacement(rows=dict(mesh.shape)[cfg.data_axis],
+                                 put=functools.partial(migu.sharding.shard_rows, mesh=mesh, data_axis=cfg.data_axis),
+                                 get=fetch_global)
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
   """Where the run's state lives: ``place`` puts a pytree there, ``fetch`` brings it back as host values
-  (the same on every process; for checkpoints), ``for_eval`` puts it on this process' first device (the
-  evaluation runs there, on every process alike), ``local_rows`` picks this process' rows of a global host
-  batch."""
+  (the same on every process; for checkpoints), ``local_rows`` picks this process' rows of a global host
+  batch. Evaluation takes the state as placed (see :func:`eval_placement`)."""
 
   place: Callable[[Any], Any]
   fetch: Callable[[Any], Any]
-  for_eval: Callable[[Any], Any]
   local_rows: Callable[[dict], dict]
 
 
@@ -608,17 +631,16 @@ def state_specs(cfg: Config, model, mesh: jax.sharding.Mesh) -> Callable[[Any], 
 
 def _placement(cfg: Config, step: migu.TrainStep) -> Placement:
   """The runner's view of where ``step`` keeps the state: ``step.place_state`` and ``step.fetch`` (on a mesh,
-  by the ``state_specs`` the step was built with, see :func:`_mesh_specs`), evaluation on this process'
-  first device, and this process' rows of a batch."""
+  by the ``state_specs`` the step was built with, see :func:`_mesh_specs`), and this process' rows of a
+  batch."""
   if cfg.mode != "mesh":
-    return Placement(step.place_state, step.fetch, lambda tree: tree, lambda batch: batch)
+    return Placement(step.place_state, step.fetch, lambda batch: batch)
   index, count = jax.process_index(), jax.process_count()
 
   def local_rows(batch):
     return batch if count == 1 else jax.tree.map(lambda x: x[index::count], batch)
 
-  return Placement(step.place_state, step.fetch,
-                   lambda tree: jax.device_put(step.fetch(tree), jax.local_devices()[0]), local_rows)
+  return Placement(step.place_state, step.fetch, local_rows)
 
 
 def _mesh_specs(cfg: Config, model, mesh: jax.sharding.Mesh) -> Callable[[Any], Any]:
@@ -747,17 +769,22 @@ def magnitude_capture(cfg: Config, head: heads_lib.Head, tasks: Sequence[Task], 
                       folder: epath.Path) -> Callback:
   """The callback that writes the statistics behind the paper's Figure 1: on ``"initial"``, every task's
   (``<output>/magnitudes_initial.npz``, the same for every method, written once); on ``"trained"``, the task
-  just trained (``<run>/magnitudes_task_<t>.npz``)."""
+  just trained (``<run>/magnitudes_task_<t>.npz``). Every process computes them (on a mesh the parameters are
+  sharded over all of them); process 0 writes."""
+
+  def save(path, arrays):
+    if is_writer():
+      _save_npz(path, arrays)
 
   def capture(event: str, info: dict) -> None:
     if event == "initial":
       path = storage.output_path(cfg.output_dir) / "magnitudes_initial.npz"
       if not path.exists():
-        _save_npz(path, {f"{j}:{name}": v for j, t in enumerate(tasks) for name, v in capture_magnitudes(
+        save(path, {f"{j}:{name}": v for j, t in enumerate(tasks) for name, v in capture_magnitudes(
             head, info["params"], [(j, r) for r in t.train], cfg, seed, cfg.magnitude_batches).items()})
     elif event == "trained":
       t = info["task"]
-      _save_npz(folder / f"magnitudes_task_{t}.npz", capture_magnitudes(
+      save(folder / f"magnitudes_task_{t}.npz", capture_magnitudes(
           head, info["params"], [(t, r) for r in tasks[t].train], cfg, seed, cfg.magnitude_batches))
 
   return capture
@@ -817,7 +844,7 @@ class _Run:
           RunState.from_meta(meta)
     if is_writer():
       atomic.write_json(folder / "config.json", identity)
-    if cfg.magnitude_batches and is_writer():
+    if cfg.magnitude_batches:
       callbacks = (magnitude_capture(cfg, head, tasks, seed, folder), *callbacks)
     return cls(cfg, name, seed, method, tasks, general, head, tx, step_fn, placed, checkpoints, tuple(callbacks),
                key, params, opt_state, state)
@@ -827,8 +854,9 @@ class _Run:
       cb(event, info)
 
   def eval_params(self):
-    """Plain ``{"model", "head"}`` parameters on this process' first device (LoRA merged)."""
-    return methods_lib.eval_params(self.method, self.cfg, self.placed.for_eval(self.params))
+    """Plain ``{"model", "head"}`` parameters (LoRA merged), where training placed them: on a mesh sharded
+    as in the train step, never gathered to one device (see :func:`eval_placement`)."""
+    return methods_lib.eval_params(self.method, self.cfg, self.params)
 
   def where(self) -> str:
     s = self.state
@@ -1112,6 +1140,6 @@ def _run_all(cfg: Config, callbacks: Sequence[Callback], plots: bool, start: flo
   return results
 
 
-__all__ = ["Config", "DTYPES", "DataError", "Placement", "capture_magnitudes", "cast_floats", "data_dir", "evaluate",
-           "evaluate_checkpoint", "is_writer", "load_general", "load_model", "load_tasks", "make_mesh", "params_digest",
-           "run_end_tasks", "run_experiment", "run_folder", "run_model", "run_sequence", "shard_spec", "state_specs"]
+__all__ = ["Config", "DTYPES", "DataError", "Placement", "capture_magnitudes", "cast_floats", "data_dir", "eval_placement",
+           "evaluate", "evaluate_checkpoint", "is_writer", "load_general", "load_model", "load_tasks", "make_mesh",
+           "params_digest", "run_end_tasks", "run_experiment", "run_folder", "run_model", "run_sequence", "shard_spec", "state_specs"]
