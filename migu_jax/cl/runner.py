@@ -1140,6 +1140,7 @@ def _run_all(cfg: Config, callbacks: Sequence[Callback], plots: bool, start: flo
   return results
 
 
-__all__ = ["Config", "DTYPES", "DataError", "Placement", "capture_magnitudes", "cast_floats", "data_dir", "eval_placement",
-           "evaluate", "evaluate_checkpoint", "is_writer", "load_general", "load_model", "load_tasks", "make_mesh",
-           "params_digest", "run_end_tasks", "run_experiment", "run_folder", "run_model", "run_sequence", "shard_spec", "state_specs"]
+__all__ = ["Config", "DTYPES", "DataError", "Placement", "capture_magnitudes", "cast_floats", "data_dir",
+           "eval_placement", "evaluate", "evaluate_checkpoint", "is_writer", "load_general", "load_model",
+           "load_tasks", "make_mesh", "params_digest", "run_end_tasks", "run_experiment", "run_folder", "run_model",
+           "run_sequence", "shard_spec", "state_specs"]
