@@ -501,6 +501,16 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+def _exists_everywhere(path: epath.Path) -> bool:
+  """Whether ``path`` exists on every process: each then takes the same branch (on a mesh, evaluation is a
+  computation of all processes together; a file one host does not see yet must not make it skip one)."""
+  exists = path.exists()
+  if jax.process_count() == 1:
+    return exists
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(exists))))
+
+
 def _save_npz(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
@@ -779,7 +789,7 @@ def magnitude_capture(cfg: Config, head: heads_lib.Head, tasks: Sequence[Task], 
   def capture(event: str, info: dict) -> None:
     if event == "initial":
       path = storage.output_path(cfg.output_dir) / "magnitudes_initial.npz"
-      if not path.exists():
+      if not _exists_everywhere(path):
         save(path, {f"{j}:{name}": v for j, t in enumerate(tasks) for name, v in capture_magnitudes(
             head, info["params"], [(j, r) for r in t.train], cfg, seed, cfg.magnitude_batches).items()})
     elif event == "trained":
@@ -1053,7 +1063,7 @@ def _initial_accuracies(cfg: Config, seed: int, head, params, tasks, mode: str |
   if mode is not None and mode != cfg.eval_mode:
     values["eval_mode"] = mode
   path = storage.output_path(cfg.output_dir) / "initial" / f"{_fingerprint(values)}.json"
-  if path.exists():
+  if _exists_everywhere(path):
     return json.loads(path.read_text())["accuracies"]
   row = evaluate(head, params, tasks, cfg=cfg, desc="eval initial model", mode=mode)
   if is_writer():
