@@ -5,11 +5,11 @@ and compares: logits, gradients, MIGU's per-layer masks, generation and option s
 round trip, the sharding rules, and a runner run.
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import migu_jax as migu
@@ -46,13 +46,20 @@ def _loss(model, stacked=False):
   return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
-@pytest.mark.parametrize("remat", [False, True], ids=["scan", "scan+remat"])
-def test_scanned_logits_gradients_and_magnitudes_equal_unrolled(remat):
-  model, params, scanned, stacked = _pair(remat=remat)
-  assert stacked["layers"]["attention"]["q_proj"]["kernel"].shape == (3, 32, 32) and "layers_0" not in stacked
-  _close(scanned.apply({"params": stacked}, IDS, MASK, POSITIONS), model.apply({"params": params}, IDS, MASK, POSITIONS))
+@functools.lru_cache(maxsize=None)
+def _computed(tie=True, remat=False):
+  """``(unrolled, scanned)``, each ``(model, params, loss, magnitudes, grads)``, computed once per setting."""
+  model, params, scanned, stacked = _pair(tie, remat=remat)
   (loss, mags), grads = _loss(model)(params)
   (scan_loss, scan_mags), scan_grads = _loss(scanned, stacked=True)(stacked)
+  return (model, params, loss, mags, grads), (scanned, stacked, scan_loss, scan_mags, scan_grads)
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["scan", "scan+remat"])
+def test_scanned_logits_gradients_and_magnitudes_equal_unrolled(remat):
+  (model, params, loss, mags, grads), (scanned, stacked, scan_loss, scan_mags, scan_grads) = _computed(remat=remat)
+  assert stacked["layers"]["attention"]["q_proj"]["kernel"].shape == (3, 32, 32) and "layers_0" not in stacked
+  _close(scanned.apply({"params": stacked}, IDS, MASK, POSITIONS), model.apply({"params": params}, IDS, MASK, POSITIONS))
   np.testing.assert_allclose(scan_loss, loss, rtol=TOL)
   _close(llama_params.unstack_layers(scan_grads), grads)
   assert scan_mags["layers"]["mlp"]["up_proj"]["kernel"].shape == (3, 1, 64)  # one statistic per layer
@@ -63,9 +70,7 @@ def test_scanned_logits_gradients_and_magnitudes_equal_unrolled(remat):
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_migu_masks_are_per_layer_and_equal_the_unrolled_models(tie):
-  model, params, scanned, stacked = _pair(tie)
-  (_, mags), grads = _loss(model)(params)
-  (_, scan_mags), scan_grads = _loss(scanned, stacked=True)(stacked)
+  (_, params, _, mags, grads), (_, stacked, _, scan_mags, scan_grads) = _computed(tie)
   tx = migu.mask_by_magnitude(0.7)
   want, _ = tx.update(grads, tx.init(params), params, magnitudes=mags)
   scan_tx = migu.mask_by_magnitude(0.7, stacked_axes={"layers": 1})
