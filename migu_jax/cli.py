@@ -35,6 +35,7 @@ _FLAGS = {
     "max_test": "max_test", "epochs": "epochs", "max_length": "max_length", "output": "output_dir",
     "checkpoint_every": "checkpoint_every", "mode": "mode", "mesh_shape": "mesh_shape",
     "sharding": "sharding", "dtype": "dtype", "param_dtype": "param_dtype", "remat": "remat",
+    "scan_layers": "scan_layers",
 }
 
 
@@ -248,6 +249,8 @@ def parser() -> argparse.ArgumentParser:
   run.add_argument("--param-dtype", choices=("float32", "bfloat16"), help="parameter and optimizer-state dtype "
                    "(default float32, also under bfloat16 compute)")
   run.add_argument("--remat", action="store_true", default=None, help="recompute layers in the backward pass")
+  run.add_argument("--scan-layers", action="store_true", default=None, help="Llama: run the decoder layers as "
+                   "one nn.scan (one compiled layer, a MIGU threshold per layer)")
   run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other Config field")
   run.add_argument("--no-progress", action="store_true", help="no progress bars")
   run.add_argument("--no-plots", action="store_true")

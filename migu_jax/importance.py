@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -47,6 +48,36 @@ class Importance(NamedTuple):
   scores: Callable[[Any, Any, Any, Any], tuple[Any, Any]]
 
 
+StackedAxes = int | Mapping[str, int] | None
+"""How many leading axes of a layer's scores index stacked (scanned) layers: one number for every masked
+leaf, or ``{path prefix: number}`` per leaf (see :func:`stacked_axes_at`)."""
+
+
+def stacked_axes_at(stacked_axes: StackedAxes, path: tuple[str, ...]) -> int:
+  """The stacked (layer) axes of the leaf at ``path`` under ``stacked_axes``.
+
+  An int (or None: 0) applies to every leaf. A mapping gives a path prefix (names joined by "/") its
+  count; a leaf takes its longest matching prefix's count, and 0 when none matches. So a layer-scanned
+  model whose stacked kernels live under ``layers`` but whose embedding (a tied head's ``[vocab, 1]``
+  statistic) or ``lm_head`` do not is masked with ``stacked_axes={"layers": 1}``.
+
+  Example:
+    >>> spec = {"model/layers": 1}
+    >>> stacked_axes_at(spec, ("model", "layers", "mlp", "up_proj", "kernel"))
+    1
+    >>> stacked_axes_at(spec, ("model", "embed", "embedding")), stacked_axes_at(2, ("anything",))
+    (0, 2)
+  """
+  if not isinstance(stacked_axes, Mapping):
+    return int(stacked_axes or 0)
+  matches = [k for k in stacked_axes if tuple(k.split("/")) == path[: len(k.split("/"))]]
+  return int(stacked_axes[max(matches, key=len)]) if matches else 0
+
+
+def _key_names(path) -> tuple[str, ...]:
+  return tuple(str(next((getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a)), k)) for k in path)
+
+
 def _per_output_feature(x: jax.Array, power: int = 1, stacked_axes: int = 0) -> jax.Array:
   """``sum |x|**power`` over all axes but the last and the ``stacked_axes`` leading (layer) ones, in
   float32: ``[..., d_out]`` kernels give ``[d_out]``, a ``[L, d_in, d_out]`` stack with
@@ -54,6 +85,12 @@ def _per_output_feature(x: jax.Array, power: int = 1, stacked_axes: int = 0) -> 
   x = jnp.abs(x.astype(jnp.float32)) ** power
   axes = tuple(range(min(stacked_axes, x.ndim - 1), x.ndim - 1))
   return x.sum(axis=axes, keepdims=bool(stacked_axes))
+
+
+def _per_output_features(tree, power: int, stacked_axes: StackedAxes):
+  """:func:`_per_output_feature` of every leaf of ``tree``, each with its stacked axes (:func:`stacked_axes_at`)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: _per_output_feature(x, power, stacked_axes_at(stacked_axes, _key_names(path))), tree)
 
 
 def _no_state(params):
@@ -77,28 +114,29 @@ def output_magnitude() -> Importance:
   return Importance(_no_state, scores)
 
 
-def gradient_magnitude(stacked_axes: int = 0) -> Importance:
+def gradient_magnitude(stacked_axes: StackedAxes = 0) -> Importance:
   """``sum |g|`` per output feature: the gradient-based ablation of the paper.
 
   ``stacked_axes``: leading axes of scanned (stacked) kernels kept apart, one score vector per layer, for
-  ``mask_by_importance(..., stacked_axes=...)``; the same for :func:`weight_magnitude` and :func:`fisher`.
+  ``mask_by_importance(..., stacked_axes=...)`` (an int for every leaf, or ``{path prefix: count}``, see
+  :func:`stacked_axes_at`); the same for :func:`weight_magnitude` and :func:`fisher`.
   """
 
   def scores(updates, state, params, magnitudes):
     del params, magnitudes
-    return jax.tree.map(lambda g: _per_output_feature(g, 1, stacked_axes), updates), state
+    return _per_output_features(updates, 1, stacked_axes), state
 
   return Importance(_no_state, scores)
 
 
-def weight_magnitude(stacked_axes: int = 0) -> Importance:
+def weight_magnitude(stacked_axes: StackedAxes = 0) -> Importance:
   """``sum |w|`` per output feature: the weight-based ablation of the paper."""
 
   def scores(updates, state, params, magnitudes):
     del updates, magnitudes
     if params is None:
       raise TypeError("weight_magnitude: update() needs params: tx.update(grads, state, params, ...).")
-    return jax.tree.map(lambda w: _per_output_feature(w, 1, stacked_axes), params), state
+    return _per_output_features(params, 1, stacked_axes), state
 
   return Importance(_no_state, scores)
 
@@ -109,7 +147,7 @@ class FisherState(NamedTuple):
   fisher: Any
 
 
-def fisher(decay: float = 0.9, stacked_axes: int = 0) -> Importance:
+def fisher(decay: float = 0.9, stacked_axes: StackedAxes = 0) -> Importance:
   """Diagonal Fisher information per output feature, averaged over recent steps.
 
   ``F_i <- decay * F_i + (1 - decay) * sum g[..., i]^2`` (an exponential moving
@@ -118,14 +156,13 @@ def fisher(decay: float = 0.9, stacked_axes: int = 0) -> Importance:
   """
 
   def init(params):
-    return FisherState(jax.tree.map(lambda p: _per_output_feature(jnp.zeros(p.shape, jnp.float32), 1, stacked_axes),
-                                    params))
+    return FisherState(_per_output_features(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), 1,
+                                            stacked_axes))
 
   def scores(updates, state, params, magnitudes):
     del params, magnitudes
-    new = jax.tree.map(
-        lambda f, g: decay * f + (1 - decay) * _per_output_feature(g, 2, stacked_axes), state.fisher, updates
-    )
+    new = jax.tree.map(lambda f, g: decay * f + (1 - decay) * g, state.fisher,
+                       _per_output_features(updates, 2, stacked_axes))
     return new, FisherState(new)
 
   return Importance(init, scores)

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from migu_jax import importance as importance_lib
+from migu_jax.importance import StackedAxes, stacked_axes_at
 
 Where = Callable[[tuple[str, ...], jax.Array], bool]
 
@@ -244,7 +245,7 @@ def layer_masks(
     *,
     threshold: str | Callable = "quantile",
     where: Where | None = None,
-    stacked_axes: int | None = None,
+    stacked_axes: StackedAxes = None,
 ) -> dict[tuple[str, ...], jax.Array]:
   """The keep-mask of every kernel selected by ``where``, keyed by parameter path.
 
@@ -259,6 +260,8 @@ def layer_masks(
       scores is skipped.
     stacked_axes: the scores' leading axes that index separate layers (kernels
       stacked by ``nn.scan``/``nnx.scan``): each layer gets its own threshold.
+      An int for every leaf, or ``{path prefix: count}`` per leaf
+      (:func:`stacked_axes_at`).
 
   Returns:
     ``{path: keep}``, each ``keep`` shaped like the layer's scores.
@@ -268,6 +271,20 @@ def layer_masks(
       transformations of this module make that layer's update NaN instead).
   """
   return _masks_and_flags(updates, scores, ratio, threshold=threshold, where=where, stacked_axes=stacked_axes)[0]
+
+
+def _per_layer_mask(name: str, s: jax.Array, n: int, ratio, threshold) -> jax.Array:
+  """:func:`keep_mask` of each layer of scores ``s`` whose ``n`` leading axes index stacked layers."""
+  if s.ndim <= n:
+    raise ValueError(
+        f"mask_by_magnitude: the scores of {name} have shape {s.shape}, with no"
+        f" output axis after the {n} stacked (layer) axes, so every"
+        " layer's features would share one threshold. Capture them with"
+        " apply_with_magnitudes(..., stacked=True), or build the importance with"
+        f" stacked_axes={n} (e.g. importance.gradient_magnitude(stacked_axes={n}))."
+    )
+  per_layer = s.reshape((-1,) + s.shape[n:])
+  return jax.vmap(lambda x: keep_mask(x, ratio, threshold=threshold))(per_layer).reshape(s.shape)
 
 
 def _masks_and_flags(updates, scores, ratio, *, threshold, where, stacked_axes):
@@ -290,18 +307,9 @@ def _masks_and_flags(updates, scores, ratio, *, threshold, where, stacked_axes):
     s = jnp.asarray(flat_scores[path])
     _check_shape(name, s, update.shape)
     checked[path] = s
-    if stacked_axes:
-      if s.ndim <= stacked_axes:
-        raise ValueError(
-            f"mask_by_magnitude: the scores of {name} have shape {s.shape}, with no"
-            f" output axis after the {stacked_axes} stacked (layer) axes, so every"
-            " layer's features would share one threshold. Capture them with"
-            " apply_with_magnitudes(..., stacked=True), or build the importance with"
-            f" stacked_axes={stacked_axes} (e.g. importance.gradient_magnitude(stacked_axes={stacked_axes}))."
-        )
-      per_layer = s.reshape((-1,) + s.shape[stacked_axes:])
-      keep = jax.vmap(lambda x: keep_mask(x, ratio, threshold=threshold))(per_layer)
-      masks[path] = keep.reshape(s.shape)
+    n = stacked_axes_at(stacked_axes, path)
+    if n:
+      masks[path] = _per_layer_mask(name, s, n, ratio, threshold)
     else:
       single[path] = s
   masks.update(_masks_by_shape(single, ratio, threshold))
@@ -348,7 +356,7 @@ def mask_by_importance(
     enabled: bool | jax.Array = True,
     axis_name: str | None = None,
     where: Where | None = None,
-    stacked_axes: int | None = None,
+    stacked_axes: StackedAxes = None,
     optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Zero the gradient of each kernel's least important output features.
@@ -365,7 +373,8 @@ def mask_by_importance(
     axis_name: average the ``magnitudes`` over this ``pmap`` axis first.
     where: ``where(path, leaf) -> bool`` selects the masked parameters.
     stacked_axes: leading axes of the scores that index stacked layers (a
-      scanned layer stack); each layer is thresholded on its own.
+      scanned layer stack); each layer is thresholded on its own. An int for
+      every leaf, or ``{path prefix: count}`` (:func:`stacked_axes_at`).
     optimizer: if given, the transformation wraps it and masks its final
       update too (the strict mode, see :func:`strict_mask_by_magnitude`).
 
@@ -426,7 +435,7 @@ def mask_by_magnitude(
     threshold: str | Callable | None = None,
     axis_name: str | None = None,
     where: Where | None = None,
-    stacked_axes: int | None = None,
+    stacked_axes: StackedAxes = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MIGU: zero the gradient of each linear layer's low-magnitude outputs.
 
@@ -465,8 +474,13 @@ def mask_by_magnitude(
       ``optax.inject_hyperparams`` pass it in ``static_args`` (optax would take
       a callable for a schedule).
     stacked_axes: for kernels stacked over layers (``nn.scan``/``nnx.scan``,
-      e.g. ``migu.nnx.apply_with_magnitudes(..., stacked=True)``): the number
-      of leading stacked axes; each layer gets its own threshold. Under
+      e.g. ``migu.apply_with_magnitudes(..., stacked=True)``): the number of
+      leading stacked axes; each layer gets its own threshold. An int applies
+      to every masked leaf (a leaf whose scores have no axis after it is an
+      error); a mapping ``{path prefix: count}`` applies per leaf, 0 where no
+      prefix matches (:func:`stacked_axes_at`): a scanned Llama takes
+      ``{"layers": 1}``, so its layer kernels are thresholded per layer and
+      its tied embedding or ``lm_head`` as one layer (example below). Under
       ``optax.inject_hyperparams`` name it in ``static_args``.
 
   Returns:
@@ -489,6 +503,18 @@ def mask_by_magnitude(
     >>> int((updates["kernel"] != 0).any(axis=0).sum())  # 10 - floor(7) kept
     3
 
+    A scanned stack beside an unstacked head: one threshold per layer, and one for the head.
+
+    >>> grads = {"layers": {"kernel": jnp.ones((2, 4, 10))}, "head": {"kernel": jnp.ones((4, 10))}}
+    >>> mags = {"layers": {"kernel": jnp.stack([jnp.arange(10.), -jnp.arange(10.)])[:, None]},
+    ...         "head": {"kernel": jnp.arange(10.)}}
+    >>> tx = migu.mask_by_magnitude(0.7, stacked_axes={"layers": 1})
+    >>> updates, _ = tx.update(grads, tx.init(grads), magnitudes=mags)
+    >>> (updates["layers"]["kernel"][:, 0] != 0).astype(int).tolist()
+    [[0, 0, 0, 0, 0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]]
+    >>> (updates["head"]["kernel"][0] != 0).astype(int).tolist()
+    [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
+
   References:
     Du et al., "Unlocking Continual Learning Abilities in Language Models",
     Findings of EMNLP 2024 (arXiv:2406.17245).
@@ -508,7 +534,7 @@ def strict_mask_by_magnitude(
     threshold: str | Callable | None = None,
     axis_name: str | None = None,
     where: Where | None = None,
-    stacked_axes: int | None = None,
+    stacked_axes: StackedAxes = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MIGU with a true freeze: masks the gradient and the optimizer's final update.
 
@@ -540,6 +566,7 @@ def random_mask(
     seed: int = 0,
     enabled: bool | jax.Array = True,
     where: Where | None = None,
+    stacked_axes: StackedAxes = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Baseline: zero a random set of output features, as many as MIGU would.
 
@@ -547,7 +574,8 @@ def random_mask(
   features drawn at random (the reference's ``random_update``). The key lives
   in the state, so every data-parallel replica draws the same mask. The
   features are those of ``magnitudes`` when given (for their shape only), else
-  the kernel's last axis.
+  the kernel's last axis. ``stacked_axes``: as in :func:`mask_by_magnitude` (the count per layer of a
+  scanned stack).
 
   Example:
     >>> import jax.numpy as jnp, migu_jax as migu
@@ -558,5 +586,6 @@ def random_mask(
     3
   """
   return mask_by_importance(
-      ratio, importance_lib.random_scores(seed), threshold="top_k", enabled=enabled, where=where
+      ratio, importance_lib.random_scores(seed), threshold="top_k", enabled=enabled, where=where,
+      stacked_axes=stacked_axes,
   )

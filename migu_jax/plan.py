@@ -75,7 +75,7 @@ def llama_config(spec: str, **overrides) -> llama.Config:
 
 def _loss_fn(model):
   def loss_fn(params, batch):
-    logits, mags = apply_with_magnitudes(model, {"params": params}, batch)
+    logits, mags = apply_with_magnitudes(model, {"params": params}, batch, stacked=model.config.scan_layers)
     logits = logits[:, :-1].astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean(), mags
   return loss_fn
@@ -104,7 +104,8 @@ def plan_train_step(model_cfg: llama.Config, mesh: jax.sharding.Mesh, *, strateg
   """Compiles MIGU's train step (mask + AdamW) of a Llama for ``mesh`` from shapes; returns per-device bytes.
 
   Args:
-    model_cfg: the Llama config (its ``dtype`` is the compute dtype, ``remat`` recomputes layers).
+    model_cfg: the Llama config (its ``dtype`` is the compute dtype, ``remat`` recomputes layers,
+      ``scan_layers`` scans them: the mask then thresholds each layer of the stack on its own).
     mesh: the target mesh (axes ``data_axis`` and optionally ``model_axis``).
     strategy: a :data:`migu_jax.sharding.STRATEGIES` name (``"replicated"``: every device holds all).
     batch_size, seq_len: the global batch of token rows.
@@ -121,7 +122,8 @@ def plan_train_step(model_cfg: llama.Config, mesh: jax.sharding.Mesh, *, strateg
   model = llama.LlamaForCausalLM(model_cfg)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 2), jnp.int32))["params"])
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), params)
-  tx = optax.chain(masking.mask_by_magnitude(ratio), optax.adamw(1e-4))
+  stacked_axes = {"layers": 1} if model_cfg.scan_layers else None
+  tx = optax.chain(masking.mask_by_magnitude(ratio, stacked_axes=stacked_axes), optax.adamw(1e-4))
   opt_state = jax.eval_shape(tx.init, params)
   specs = sharding.specs_by_rules(llama.PARAM_AXES, mesh, strategy, data_axis=data_axis, model_axis=model_axis)
   step = make_train_step(_loss_fn(model), tx, micro_batches=micro_batches, mode="mesh", mesh=mesh,
@@ -147,7 +149,7 @@ def plan_train_step(model_cfg: llama.Config, mesh: jax.sharding.Mesh, *, strateg
   kinds = {}
   for path, spec in jax.tree_util.tree_flatten_with_path(specs(params))[0]:
     names = sharding.path_names(path)
-    kind = "/".join(n for n in names if not n.startswith("layers_"))
+    kind = "/".join(n for n in names if not n.startswith("layers"))
     kinds.setdefault(kind, str(spec))
   report["specs"] = kinds
   return report
@@ -180,6 +182,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="compute dtype")
   p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--no-remat", action="store_true", help="keep every layer's activations")
+  p.add_argument("--scan-layers", action="store_true", help="scan the decoder layers (nn.scan, stacked params)")
   p.add_argument("--batch-size", type=int, default=None, help="global rows per step (default: --devices)")
   p.add_argument("--seq-len", type=int, default=512)
   p.add_argument("--micro-batches", type=int, default=1)
@@ -204,7 +207,7 @@ def main(argv=None) -> int:
   names = ("data", "model")[:len(shape)]
   mesh = jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-  overrides = dict(dtype=dtypes[args.dtype], remat=not args.no_remat)
+  overrides = dict(dtype=dtypes[args.dtype], remat=not args.no_remat, scan_layers=args.scan_layers)
   if args.layers:
     overrides["num_hidden_layers"] = args.layers
   cfg = llama_config(args.model, **overrides)
@@ -217,10 +220,11 @@ def main(argv=None) -> int:
   report.update(model=args.model, layers=cfg.num_hidden_layers, devices=args.devices, mesh=dict(zip(names, shape)),
                 sharding=args.sharding, chip=args.chip, chip_gb=CHIP_MEMORY_GB[args.chip], fits=ok,
                 share=share, dtype=args.dtype, param_dtype=args.param_dtype, remat=not args.no_remat,
+                scan_layers=args.scan_layers,
                 batch_size=batch, seq_len=args.seq_len, compile_s=time.perf_counter() - start)
   print(f"plan: {args.model} ({report['parameters'] / 1e9:.2f} B parameters, {cfg.num_hidden_layers} layers), "
         f"mesh {report['mesh']}, sharding {args.sharding}, compute {args.dtype}, params {args.param_dtype}, "
-        f"remat {report['remat']}, batch {batch} x {args.seq_len}")
+        f"remat {report['remat']}, scan_layers {args.scan_layers}, batch {batch} x {args.seq_len}")
   print(f"  per device: arguments {gb(report['argument_bytes'])} (parameters + AdamW state "
         f"{gb(report['state_bytes'])}), outputs {gb(report['output_bytes'])}, temporaries "
         f"{gb(report['temp_bytes'])}, donated {gb(report['alias_bytes'])}")

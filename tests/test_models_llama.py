@@ -46,6 +46,19 @@ def test_parity_gqa_with_padding(tie, tmp_path):
   assert np.abs(got[keep] - want[keep]).max() < TOL
 
 
+def test_parity_scanned_layers(tmp_path):
+  ref = _tiny_hf(False)
+  ref.save_pretrained(tmp_path)
+  ids = np.random.default_rng(0).integers(0, 101, size=(2, 8))
+  mask = np.ones_like(ids)
+  mask[0, 5:] = 0
+  model, params, _ = from_pretrained(str(tmp_path), scan_layers=True)
+  assert params["layers"]["attention"]["k_proj"]["kernel"].shape == (2, 48, 16)  # 2 layers stacked
+  got = np.asarray(model.apply({"params": params}, ids, mask))
+  keep = mask.astype(bool)
+  assert np.abs(got[keep] - _torch_logits(ref, ids, mask)[keep]).max() < TOL
+
+
 def test_left_padded_generation_matches_unpadded(tmp_path):
   _tiny_hf(True, seed=1).save_pretrained(tmp_path)
   model, params, _ = from_pretrained(str(tmp_path))

@@ -36,6 +36,15 @@ def test_fsdp_plan_holds_an_eighth_of_the_state():
   assert plan.fits(fsdp, "v5e") == (True, pytest.approx(fsdp["peak_bytes"] / 16e9))
 
 
+def test_scanned_plan_holds_the_same_state_and_never_splits_the_layer_axis():
+  cfg = plan.llama_config("tiny", dtype=jnp.bfloat16)
+  unrolled = plan.plan_train_step(cfg, _mesh(), strategy="fsdp", batch_size=8, seq_len=16)
+  scanned = plan.plan_train_step(plan.llama_config("tiny", dtype=jnp.bfloat16, scan_layers=True), _mesh(),
+                                 strategy="fsdp", batch_size=8, seq_len=16)
+  assert scanned["parameters"] == unrolled["parameters"] and scanned["state_bytes"] == unrolled["state_bytes"]
+  assert scanned["specs"]["mlp/up_proj/kernel"] == "P(None, 'data')"
+
+
 def test_model_names_and_config_files(tmp_path):
   assert plan.llama_config("llama2-7b").hidden_size == 4096
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,

@@ -148,6 +148,9 @@ def token_mask(cfg, args):
 def make_forward(method: Method, cfg, model) -> Callable:
   """``forward(params, *args, rng=None) -> (outputs, magnitudes)`` keyed like the trainable tree.
 
+  With ``cfg.scan_layers`` the magnitudes of the scanned layers come one per layer (``stacked=True``);
+  the optimizer thresholds them per layer (:func:`migu_jax.cl.optimizers.stacked_axes`).
+
   Given an ``rng`` (training) and ``cfg.dropout``, the model runs with its checkpoint's dropout rates
   (``deterministic=False``); without one (evaluation) it is deterministic. LoRA methods keep the frozen
   model deterministic and drop only the adapters' input (``cfg.lora_dropout``).
@@ -158,12 +161,15 @@ def make_forward(method: Method, cfg, model) -> Callable:
       if rng is not None and cfg.dropout:
         train = {"deterministic": False, "rngs": {"dropout": rng}}
       out, mags = migu.apply_with_magnitudes(model, {"params": params["model"]}, *args,
-                                             token_mask=token_mask(cfg, args), **train)
+                                             token_mask=token_mask(cfg, args), stacked=cfg.scan_layers, **train)
       return out, {"model": mags}
     return forward
 
   if cfg.padding_aware:
     raise ValueError("padding_aware=True is not supported with LoRA methods yet; set padding_aware=False.")
+  if cfg.scan_layers:
+    raise ValueError(f"{method.name}: LoRA methods do not support scanned layers yet; set scan_layers=False "
+                     "(drop --scan-layers).")
 
   def forward_lora(params, *args, rng=None):
     frozen = jax.lax.stop_gradient(params["model"])

@@ -78,6 +78,19 @@ def _where(method: Method, patterns: tuple[str, ...] = (), tied_embedding: bool 
   return lambda path, leaf: base(path, leaf) and any(c.search("/".join(map(str, path))) for c in compiled)
 
 
+def stacked_axes(cfg) -> dict[str, int] | None:
+  """The masks' ``stacked_axes`` (:func:`migu_jax.importance.stacked_axes_at`): with ``cfg.scan_layers``,
+  the scanned Llama's stack ``model/layers`` has one leading layer axis (a threshold per layer), the
+  embedding and ``lm_head`` none; else None.
+
+  Example:
+    >>> from migu_jax.cl.runner import Config
+    >>> stacked_axes(Config(model="smollm2-135m", scan_layers=True))
+    {'model/layers': 1}
+  """
+  return {"model/layers": 1} if cfg.scan_layers else None
+
+
 def _injected(factory):
   """``optax.inject_hyperparams(factory)`` with only ``ratio`` and ``enabled`` injected (changeable between
   tasks without recompiling); every other argument (where, seed, optimizer, ...) stays static."""
@@ -91,28 +104,32 @@ def _threshold(cfg) -> str:
 
 def _magnitude_mask(cfg, optimizer, where):
   mask = _injected(migu.mask_by_magnitude)(ratio=cfg.ratio, enabled=jnp.asarray(True),
-                                           threshold=_threshold(cfg), where=where)
+                                           threshold=_threshold(cfg), where=where, stacked_axes=stacked_axes(cfg))
   return optax.chain(mask, optimizer)
 
 
 def _strict_mask(cfg, optimizer, where):
   return _injected(migu.strict_mask_by_magnitude)(ratio=cfg.ratio, optimizer=optimizer, enabled=jnp.asarray(True),
-                                                  threshold=_threshold(cfg), where=where)
+                                                  threshold=_threshold(cfg), where=where,
+                                                  stacked_axes=stacked_axes(cfg))
 
 
 def _importance_mask(source: str):
   """A mask ranked by ``migu_jax.importance.IMPORTANCES[source]`` (gradient, weight, Fisher)."""
 
   def build(cfg, optimizer, where):
-    mask = _injected(migu.mask_by_importance)(ratio=cfg.ratio, importance=migu.importance.IMPORTANCES[source](),
-                                              enabled=jnp.asarray(True), threshold=_threshold(cfg), where=where)
+    stacked = stacked_axes(cfg)
+    mask = _injected(migu.mask_by_importance)(
+        ratio=cfg.ratio, importance=migu.importance.IMPORTANCES[source](stacked_axes=stacked),
+        enabled=jnp.asarray(True), threshold=_threshold(cfg), where=where, stacked_axes=stacked)
     return optax.chain(mask, optimizer)
 
   return build
 
 
 def _random_mask(cfg, optimizer, where, *, seed):
-  mask = _injected(migu.random_mask)(ratio=cfg.ratio, seed=seed, enabled=jnp.asarray(True), where=where)
+  mask = _injected(migu.random_mask)(ratio=cfg.ratio, seed=seed, enabled=jnp.asarray(True), where=where,
+                                     stacked_axes=stacked_axes(cfg))
   return optax.chain(mask, optimizer)
 
 

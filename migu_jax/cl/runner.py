@@ -130,8 +130,11 @@ class Config:
   Precision: ``dtype`` (the models' compute dtype: ``"float32"``, or ``"bfloat16"`` on TPUs),
   ``param_dtype`` (the stored parameters, hence gradients and AdamW moments: ``"float32"`` by default, also
   under bfloat16 compute), ``remat`` (recompute each layer in the backward pass: less activation memory,
-  the same results). MIGU's statistics are float32 whatever the compute dtype
-  (:func:`migu_jax.sum_abs`).
+  the same results), ``scan_layers`` (Llama only: the decoder layers as one ``nn.scan``, one compiled layer
+  for any depth, parameters stacked per layer; the magnitudes are captured per layer and each layer keeps
+  its own threshold, so the run computes what the unrolled one does; its checkpoints hold the stacked
+  layout, so a run resumes with the value it started with). MIGU's statistics are float32 whatever the
+  compute dtype (:func:`migu_jax.sum_abs`).
 
   Run: ``output_dir``, ``checkpoint_every`` (steps), ``keep_checkpoints``, ``magnitude_batches`` (batches
   per task whose magnitudes are kept for the plots), ``progress`` (tqdm bars).
@@ -221,6 +224,7 @@ class Config:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  scan_layers: bool = False
 
   def __post_init__(self):
     self._normalize()
@@ -392,23 +396,39 @@ def load_general(cfg: Config, seed: int) -> text_lib.TextDomain | None:
 
 
 @functools.lru_cache(maxsize=2)
-def load_model(spec: str, objective: str = "task", dtype: str = "float32", remat: bool = False):
+def load_model(spec: str, objective: str = "task", dtype: str = "float32", remat: bool = False,
+               scan_layers: bool = False):
   """``(model, params, tokenizer)`` of a preset, local folder or hub id (cached: runs share it); the model
   computes in ``dtype`` (a name of :data:`DTYPES`), with ``remat`` recomputing its layers in the backward
-  pass; the parameters are float32. ``objective="lm"``: with the LM head
-  (:func:`migu_jax.cl.objectives.load_language_model`), float32 without remat for now."""
+  pass and ``scan_layers`` (Llama) scanning them (:func:`scan_model`); the parameters are float32.
+  ``objective="lm"``: with the LM head (:func:`migu_jax.cl.objectives.load_language_model`), float32
+  without remat or scanned layers for now."""
   if objective == "lm":
-    if dtype != "float32" or remat:
-      raise ValueError(f"objective='lm' runs in float32 without remat for now (got dtype={dtype!r}, "
-                       f"remat={remat}); drop --dtype/--remat for continual pre-training.")
+    if dtype != "float32" or remat or scan_layers:
+      raise ValueError(f"objective='lm' runs in float32 without remat or scanned layers for now (got "
+                       f"dtype={dtype!r}, remat={remat}, scan_layers={scan_layers}); drop "
+                       "--dtype/--remat/--scan-layers for continual pre-training.")
     return objectives_lib.load_language_model(spec)
   from migu_jax.models import from_pretrained
-  return from_pretrained(spec, dtype=DTYPES[dtype], remat=remat)
+  model, params, tokenizer = from_pretrained(spec, dtype=DTYPES[dtype], remat=remat)
+  return (*scan_model(spec, model, params), tokenizer) if scan_layers else (model, params, tokenizer)
+
+
+def scan_model(spec: str, model, params):
+  """``(model, params)`` of a loaded Llama with its decoder layers scanned (``Config.scan_layers``, the
+  layers' parameters stacked); another family is an error naming the fix."""
+  from migu_jax.models import llama
+  if not isinstance(model, llama.LlamaForCausalLM):
+    raise ValueError(f"Config.scan_layers scans the decoder layers of Llama models only; {spec!r} is a "
+                     f"{model.config.model_type!r} model. Drop --scan-layers (scan_layers=False).")
+  scanned = llama.LlamaForCausalLM(dataclasses.replace(model.config, scan_layers=True))
+  return scanned, llama.params.stack_layers(params)
 
 
 def run_model(cfg: Config):
-  """:func:`load_model` with the run's objective and precision settings (``cfg.dtype``, ``cfg.remat``)."""
-  return load_model(cfg.model, cfg.objective, cfg.dtype, cfg.remat)
+  """:func:`load_model` with the run's objective and precision settings (``cfg.dtype``, ``cfg.remat``,
+  ``cfg.scan_layers``)."""
+  return load_model(cfg.model, cfg.objective, cfg.dtype, cfg.remat, cfg.scan_layers)
 
 
 def cast_floats(tree, dtype: str):
@@ -493,6 +513,9 @@ def capture_magnitudes(head: heads_lib.Head, params, examples, cfg: Config, seed
     mags = fn(params, head.placement.put(head.train_batch([examples[i] for i in idx])))
     total = mags if total is None else jax.tree.map(jnp.add, total, mags)
   total = head.placement.get(total)
+  if cfg.scan_layers:  # one vector per layer, under the unrolled model's names
+    from migu_jax.models import llama
+    total = llama.params.unstack_layers(total)
   return {"/".join(p): np.asarray(v).reshape(-1) for p, v in traverse_util.flatten_dict(total).items()}
 
 
@@ -531,7 +554,7 @@ process calls them."""
 
 _HEAD_KEYS = ("model", "objective", "mlm_probability", "head", "eval_mode", "order", "max_length", "length_buckets",
               "temperature", "learn_temperature", "eval_batch_size", "max_new_tokens", "padding", "pad_multiple",
-              "copa_prompt", "dtype", "remat")
+              "copa_prompt", "dtype", "remat", "scan_layers")
 
 _REUSED: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
 """This process' heads and compiled train steps, keyed by the settings that make them (JSON), so later runs
@@ -1153,4 +1176,4 @@ def _run_all(cfg: Config, callbacks: Sequence[Callback], plots: bool, start: flo
 __all__ = ["Config", "DTYPES", "DataError", "Placement", "capture_magnitudes", "cast_floats", "data_dir",
            "eval_placement", "evaluate", "evaluate_checkpoint", "is_writer", "load_general", "load_model",
            "load_tasks", "make_mesh", "params_digest", "run_end_tasks", "run_experiment", "run_folder", "run_model",
-           "run_sequence", "shard_spec", "state_specs"]
+           "run_sequence", "scan_model", "shard_spec", "state_specs"]

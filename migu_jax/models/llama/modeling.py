@@ -37,6 +37,10 @@ def _as_tuple(x):
   return tuple(x) if isinstance(x, list) else x
 
 
+RUN_SETTINGS = ("dtype", "remat", "scan_layers")
+"""Config fields that say how the model runs, not what it is: not part of a checkpoint's config.json."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Config(_sizes.DeprecatedPreset):
   """Llama hyper-parameters (field names follow HF's config.json).
@@ -45,7 +49,10 @@ class Config(_sizes.DeprecatedPreset):
   ``num_key_value_heads < num_attention_heads`` gives grouped-query attention.
   ``attention_dropout`` drops attention weights in training (HF's only Llama
   dropout). ``dtype`` is the compute dtype; ``remat`` recomputes layers in the
-  backward.
+  backward; ``scan_layers`` runs the decoder layers as one ``nn.scan`` (their
+  parameters stacked at ``params["layers"]`` with a leading layer axis, see
+  :func:`migu_jax.models.llama.params.stack_layers`): one compiled layer for
+  any depth. These three are run settings, not written by :meth:`to_hf`.
   """
   vocab_size: int = 32000
   hidden_size: int = 4096
@@ -68,6 +75,7 @@ class Config(_sizes.DeprecatedPreset):
   model_type: str = "llama"
   dtype: Any = jnp.float32
   remat: bool = False
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.num_key_value_heads is None:
@@ -101,7 +109,7 @@ class Config(_sizes.DeprecatedPreset):
   def to_hf(self) -> dict:
     """The Hugging Face ``config.json`` dict for this config."""
     out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-           if f.name not in ("dtype", "remat")}
+           if f.name not in RUN_SETTINGS}
     out["eos_token_id"] = list(out["eos_token_id"]) if isinstance(out["eos_token_id"], tuple) \
         else out["eos_token_id"]
     out["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
@@ -227,10 +235,40 @@ def causal_mask(attention_mask, q_len=None, offset=0):
 
 
 def init_cache(config: Config, batch: int, max_length: int):
-  """Empty key/value buffers, one ``(k, v)`` pair per layer, in the compute dtype."""
+  """Empty key/value buffers in the compute dtype: one ``(k, v)`` pair per layer, each
+  ``[batch, max_length, kv_heads, head_dim]``; with ``config.scan_layers`` one stacked pair
+  ``[layers, batch, ...]``, scanned alongside the layers.
+
+  Example:
+    >>> cache = init_cache(Config.of_size("tiny", scan_layers=True), batch=2, max_length=5)
+    >>> cache[0].shape
+    (2, 2, 5, 2, 8)
+  """
   shape = (batch, max_length, config.num_key_value_heads, config.head_dim)
+  if config.scan_layers:
+    shape = (config.num_hidden_layers,) + shape
+    return jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype)
   return tuple((jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype))
                for _ in range(config.num_hidden_layers))
+
+
+def scanned_layers(config: Config, name: str = "layers") -> nn.Module:
+  """The decoder layers as one ``nn.scan`` over :class:`DecoderLayer` (``nn.remat`` inside when
+  ``config.remat``).
+
+  Called like one layer, ``(x, mask, cos, sin, cache, cache_index, deterministic) -> (x, cache)``, with
+  ``x`` carried from layer to layer and ``cache`` (a stacked ``(k, v)``, or None) scanned over its
+  leading layer axis. Parameters and MIGU's statistics (the ``"magnitudes"`` collection) get a leading
+  layer axis; each layer draws its own "params" and "dropout" rngs.
+  """
+  layer = DecoderLayer
+  if config.remat:
+    layer = nn.remat(DecoderLayer, static_argnums=(7,), prevent_cse=False)
+  scan = nn.scan(layer, variable_axes={"params": 0, "magnitudes": 0},
+                 split_rngs={"params": True, "dropout": True},
+                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                 length=config.num_hidden_layers)
+  return scan(config, name=name)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -248,14 +286,21 @@ class LlamaForCausalLM(nn.Module):
 
   ``deterministic=False`` turns attention dropout on (training); it then needs
   a "dropout" rng: ``model.apply(v, ids, deterministic=False, rngs={"dropout": key})``.
+
+  With ``config.scan_layers`` the layers run as one scan (:func:`scanned_layers`), the cache is
+  ``init_cache``'s stacked pair, and MIGU's statistics come one per layer with
+  ``apply_with_magnitudes(..., stacked=True)``.
   """
   config: Config
 
   def setup(self):
     cfg = self.config
     self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, name="embed")
-    layer_cls = nn.remat(DecoderLayer, static_argnums=(7,)) if cfg.remat else DecoderLayer
-    self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+    if cfg.scan_layers:
+      self.layers = scanned_layers(cfg)
+    else:
+      layer_cls = nn.remat(DecoderLayer, static_argnums=(7,)) if cfg.remat else DecoderLayer
+      self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
     self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="norm")
     if not cfg.tie_word_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head")
@@ -275,13 +320,17 @@ class LlamaForCausalLM(nn.Module):
     else:
       mask = causal_mask(attention_mask, t, cache_index if cache is not None else 0)
     x = self.embed(input_ids)
-    new_cache = []
-    for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, mask, cos, sin, None if cache is None else cache[i], cache_index,
-                             deterministic)
-      new_cache.append(layer_cache)
+    if cfg.scan_layers:
+      x, new_cache = self.layers(x, mask, cos, sin, cache, cache_index, deterministic)
+    else:
+      new_cache = []
+      for i, layer in enumerate(self.layers):
+        x, layer_cache = layer(x, mask, cos, sin, None if cache is None else cache[i], cache_index,
+                               deterministic)
+        new_cache.append(layer_cache)
+      new_cache = tuple(new_cache)
     x = self.norm(x)
-    return x if cache is None else (x, tuple(new_cache))
+    return x if cache is None else (x, new_cache)
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None,
                cache_index=0, *, deterministic: bool = True):

@@ -2,7 +2,10 @@
 
 The table is the whole mapping (``{i}`` is the layer number); every Linear
 weight is transposed into a Dense kernel. ``rotary_emb.inv_freq`` buffers are
-ignored, and so is ``lm_head.weight`` when embeddings are tied.
+ignored, and so is ``lm_head.weight`` when embeddings are tied. For a
+layer-scanned model (``Config.scan_layers``) the per-layer tensors are stacked
+on load and unstacked on save (:func:`stack_layers`, :func:`unstack_layers`),
+so every loader (Hugging Face folders, GGUF) gives either layout.
 
 Example:
   >>> from migu_jax.models.llama import modeling
@@ -15,6 +18,9 @@ Example:
 """
 
 from __future__ import annotations
+
+import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +51,49 @@ RULES: tuple[Rule, ...] = (
 IGNORED: tuple[str, ...] = (r".*rotary_emb\.inv_freq",)
 
 
+_LAYER = re.compile(r"layers_(\d+)\Z")
+
+
+def stack_layers(params: dict) -> dict:
+  """Unrolled params (``layers_0`` ... ``layers_{L-1}``) -> scanned params: one ``layers`` subtree whose
+  leaves have a leading layer axis of size L (numpy leaves stay numpy). Other entries are kept.
+
+  Example:
+    >>> from migu_jax.models.llama import modeling
+    >>> params = init_params(modeling.Config.of_size("tiny"))
+    >>> stack_layers(params)["layers"]["mlp"]["up_proj"]["kernel"].shape
+    (2, 32, 64)
+  """
+  numbers = sorted(int(m.group(1)) for m in map(_LAYER.match, params) if m)
+  if numbers != list(range(len(numbers))) or not numbers:
+    raise ValueError(f"stack_layers: expected layers_0 ... layers_N in the params, got {sorted(params)}.")
+  layers = [params[f"layers_{i}"] for i in numbers]
+  stack = lambda *xs: (np.stack if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack)(xs)
+  rest = {k: v for k, v in params.items() if not _LAYER.match(k)}
+  return {**rest, "layers": jax.tree.map(stack, *layers)}
+
+
+def unstack_layers(params: dict) -> dict:
+  """Scanned params (one stacked ``layers`` subtree) -> unrolled ``layers_0`` ... ``layers_{L-1}``;
+  the inverse of :func:`stack_layers`.
+
+  Example:
+    >>> from migu_jax.models.llama import modeling
+    >>> params = init_params(modeling.Config.of_size("tiny"))
+    >>> sorted(unstack_layers(stack_layers(params))) == sorted(params)
+    True
+  """
+  if "layers" not in params:
+    raise ValueError(f"unstack_layers: no stacked 'layers' in the params (keys {sorted(params)}).")
+  count = jax.tree.leaves(params["layers"])[0].shape[0]
+  rest = {k: v for k, v in params.items() if k != "layers"}
+  return {**rest, **{f"layers_{i}": jax.tree.map(lambda x: x[i], params["layers"]) for i in range(count)}}
+
+
+def _unrolled(cfg: modeling.Config) -> modeling.Config:
+  return dataclasses.replace(cfg, scan_layers=False)
+
+
 def _init(cfg: modeling.Config, seed: int):
   ids = jnp.ones((1, 2), jnp.int32)
   return modeling.LlamaForCausalLM(cfg).init(jax.random.key(seed), ids)
@@ -63,11 +112,11 @@ def init_params(cfg: modeling.Config, seed: int = 0) -> dict:
 def from_hf(state_dict: dict, cfg: modeling.Config, source: str = "checkpoint") -> dict:
   """HF state dict (numpy) -> nested ``params``; raises CheckpointError listing all problems."""
   ignore = IGNORED + ((r"lm_head\.weight",) if cfg.tie_word_embeddings else ())
-  return state_dict_to_params(state_dict, RULES, expected=expected_shapes(cfg),
-                              ignore=ignore, source=source)
+  params = state_dict_to_params(state_dict, RULES, expected=expected_shapes(_unrolled(cfg)),
+                                ignore=ignore, source=source)
+  return stack_layers(params) if cfg.scan_layers else params
 
 
 def to_hf(params: dict, cfg: modeling.Config) -> dict[str, np.ndarray]:
-  """Nested ``params`` -> HF ``LlamaForCausalLM`` state dict (numpy)."""
-  del cfg
-  return params_to_state_dict(params, RULES)
+  """Nested ``params`` (stacked when ``cfg.scan_layers``) -> HF ``LlamaForCausalLM`` state dict (numpy)."""
+  return params_to_state_dict(unstack_layers(params) if cfg.scan_layers else params, RULES)
