@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -117,8 +118,37 @@ def plan_train_step(model_cfg: llama.Config, mesh: jax.sharding.Mesh, *, strateg
     ``{"parameters", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "peak_bytes",
     "state_bytes", "flops", "specs"}``: the per-device memory of XLA's analysis (``peak_bytes`` =
     arguments + outputs + temporaries - donated aliases), the per-device parameter + optimizer-state bytes
-    by the specs, XLA's FLOPs per step per device, and the spec of each distinct parameter kind.
+    by the specs, XLA's FLOPs per step per device (for scanned layers extrapolated from unrolled 1- and
+    2-layer compiles: XLA counts a loop's body once), and the spec of each distinct parameter kind.
   """
+  settings = dict(strategy=strategy, batch_size=batch_size, seq_len=seq_len, micro_batches=micro_batches,
+                  ratio=ratio, param_dtype=param_dtype, data_axis=data_axis, model_axis=model_axis)
+  compiled, params, opt_state, specs = _compile(model_cfg, mesh, **settings)
+  memory = compiled.memory_analysis()
+  report = {
+      "parameters": int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(params))),
+      "argument_bytes": int(memory.argument_size_in_bytes),
+      "output_bytes": int(memory.output_size_in_bytes),
+      "temp_bytes": int(memory.temp_size_in_bytes),
+      "alias_bytes": int(memory.alias_size_in_bytes),
+      "state_bytes": _per_device_bytes(params, mesh, specs(params))
+      + _per_device_bytes(opt_state, mesh, specs(opt_state)),
+      "flops": _scanned_flops(model_cfg, mesh, settings) if model_cfg.scan_layers else _flops(compiled),
+  }
+  report["peak_bytes"] = (report["argument_bytes"] + report["output_bytes"] + report["temp_bytes"]
+                          - report["alias_bytes"])
+  kinds = {}
+  for path, spec in jax.tree_util.tree_flatten_with_path(specs(params))[0]:
+    names = sharding.path_names(path)
+    kind = "/".join(n for n in names if not n.startswith("layers"))
+    kinds.setdefault(kind, str(spec))
+  report["specs"] = kinds
+  return report
+
+
+def _compile(model_cfg, mesh, *, strategy, batch_size, seq_len, micro_batches, ratio, param_dtype, data_axis,
+             model_axis):
+  """The compiled train step, with the abstract parameters, optimizer state and the specs function."""
   model = llama.LlamaForCausalLM(model_cfg)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 2), jnp.int32))["params"])
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), params)
@@ -131,28 +161,22 @@ def plan_train_step(model_cfg: llama.Config, mesh: jax.sharding.Mesh, *, strateg
   batch = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=NamedSharding(mesh, P(data_axis)))
   compiled = step.compiled.lower(_abstract(params, mesh, specs(params)), _abstract(opt_state, mesh, specs(opt_state)),
                                  batch).compile()
-  memory = compiled.memory_analysis()
+  return compiled, params, opt_state, specs
+
+
+def _flops(compiled) -> float:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  report = {
-      "parameters": int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(params))),
-      "argument_bytes": int(memory.argument_size_in_bytes),
-      "output_bytes": int(memory.output_size_in_bytes),
-      "temp_bytes": int(memory.temp_size_in_bytes),
-      "alias_bytes": int(memory.alias_size_in_bytes),
-      "state_bytes": _per_device_bytes(params, mesh, specs(params))
-      + _per_device_bytes(opt_state, mesh, specs(opt_state)),
-      "flops": float(cost.get("flops", 0.0)),
-  }
-  report["peak_bytes"] = (report["argument_bytes"] + report["output_bytes"] + report["temp_bytes"]
-                          - report["alias_bytes"])
-  kinds = {}
-  for path, spec in jax.tree_util.tree_flatten_with_path(specs(params))[0]:
-    names = sharding.path_names(path)
-    kind = "/".join(n for n in names if not n.startswith("layers"))
-    kinds.setdefault(kind, str(spec))
-  report["specs"] = kinds
-  return report
+  return float(cost.get("flops", 0.0))
+
+
+def _scanned_flops(model_cfg, mesh, settings) -> float:
+  """FLOPs of a layer-scanned step. XLA's cost analysis counts a loop's body once, whatever its trip count,
+  so they are extrapolated from the unrolled step with 1 and 2 layers (small compiles): ``f1 + (L - 1) *
+  (f2 - f1)``."""
+  f1, f2 = (_flops(_compile(dataclasses.replace(model_cfg, scan_layers=False, num_hidden_layers=n), mesh,
+                            **settings)[0]) for n in (1, 2))
+  return f1 + (model_cfg.num_hidden_layers - 1) * (f2 - f1)
 
 
 def fits(report: dict, chip: str) -> tuple[bool, float]:

@@ -24,7 +24,8 @@ def _reproduce():
   return module
 
 
-@pytest.mark.parametrize("path", sorted((EXPERIMENTS / "configs").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*(EXPERIMENTS / "configs").glob("*.py"), *(EXPERIMENTS / "tpu").glob("*_pod.py")]),
+                         ids=lambda p: p.name)
 def test_every_config_file_gives_valid_settings(path):
   module = cli.load_config_module(str(path))
   configs = [runner.Config.from_dict(cli.load_config_file(str(path)))]
