@@ -1026,11 +1026,14 @@ def run_end_tasks(cfg: Config, model_params: dict, seed: int, domains: Sequence[
     params = placed.place(params)
     return params, placed.place(optimizers_lib.start_task(method, task_cfg, tx, params, 0))
 
+  def local_step(params, opt_state, batch):  # each process feeds its own rows of the global batch
+    return step_fn(params, opt_state, placed.local_rows(batch))
+
   start = end_tasks_lib.encoder_params(model_params)
   out = {}
   for j, (domain, task) in enumerate(zip(names, tasks)):
     out[domain] = end_tasks_lib.fine_tune_and_score(
-        head, step_fn, start_state, start, j, task, batch_size=task_cfg.batch_size, epochs=task_cfg.epochs,
+        head, local_step, start_state, start, j, task, batch_size=task_cfg.batch_size, epochs=task_cfg.epochs,
         seed=seed, key=jax.random.fold_in(jax.random.key(seed), 10_000 + j))
     if cfg.progress and is_writer():
       from tqdm.auto import tqdm
