@@ -147,6 +147,8 @@ def _run_dirs(folder: Path) -> list[Path]:
 def cmd_eval(args) -> int:
   from migu_jax.cl import runner
 
+  if args.end_tasks:
+    return _eval_end_tasks(args)
   rows = []
   for run_dir in _run_dirs(Path(args.folder)):
     result = runner.evaluate_checkpoint(run_dir, order=args.tasks, max_test=args.max_test,
@@ -168,6 +170,33 @@ def cmd_eval(args) -> int:
   print(f"\n(eval mode: {rows[0]['eval_mode']}"
         + (f"; held out of train.json, no test file: {', '.join(heldout)}" if heldout else "")
         + "; written to eval.json in each run folder)")
+  return 0
+
+
+def _eval_end_tasks(args) -> int:
+  """``migu-jax eval --end-tasks``: the DAS end tasks again on each run's newest checkpoint."""
+  from migu_jax.cl import runner
+
+  settings = {k: v for k, v in (("end_task_train_per_class", args.end_task_train_per_class),
+                                ("end_task_epochs", args.end_task_epochs), ("end_task_lr", args.end_task_lr),
+                                ("end_task_max_test", args.max_test)) if v is not None}
+  print("| run | checkpoint | end task | accuracy | macro-F1 |\n|---|---|---|---:|---:|")
+  for run_dir in _run_dirs(Path(args.folder)):
+    if args.tasks:
+      run_cfg = json.loads((run_dir / "config.json").read_text())
+      wanted = args.tasks.split(",")
+      missing = sorted(set(wanted) - set(run_cfg.get("end_tasks") or {}))
+      if missing:
+        raise SystemExit(f"migu-jax eval --end-tasks: {run_dir} has no end task for {missing}; its domains with "
+                         f"end tasks: {sorted(run_cfg.get('end_tasks') or {})}.")
+      settings["end_tasks"] = {d: run_cfg["end_tasks"][d] for d in wanted}
+    result = runner.end_tasks_checkpoint(run_dir, progress=not args.no_progress, **settings)
+    (run_dir / "end_tasks.json").write_text(json.dumps(result, indent=2))
+    for domain, r in result["end_tasks"].items():
+      print(f"| {result['method']} seed {result['seed']} | task {result['checkpoint']['task']} step "
+            f"{result['checkpoint']['step']} | {r['task']} ({domain}) | {100 * r['accuracy']:.1f} | "
+            f"{100 * r['macro_f1']:.1f} |")
+  print("\n(written to end_tasks.json in each run folder)")
   return 0
 
 
@@ -262,6 +291,12 @@ def parser() -> argparse.ArgumentParser:
   ev.add_argument("--max-test", type=int)
   ev.add_argument("--data-dir")
   ev.add_argument("--eval-mode")
+  ev.add_argument("--end-tasks", action="store_true",
+                  help="continual pre-training runs: fine-tune the newest checkpoint on the end tasks again "
+                       "(--tasks: only these domains' end tasks)")
+  ev.add_argument("--end-task-train-per-class", type=int)
+  ev.add_argument("--end-task-epochs", type=int)
+  ev.add_argument("--end-task-lr", type=float)
   ev.add_argument("--no-progress", action="store_true")
   ev.set_defaults(func=cmd_eval)
 

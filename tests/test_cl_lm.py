@@ -338,3 +338,31 @@ def test_t5_continual_pretraining_runs_and_lowers_perplexity(text_data, tmp_path
   run = runner.run_experiment(cfg, plots=False)["runs"][0]
   matrix, initial = np.array(run["matrix"]), np.array(run["initial"])
   assert np.isfinite(matrix).all() and matrix[0, 0] < initial[0] and matrix[1, 1] < matrix[0, 1]
+
+
+def test_end_tasks_again_on_a_finished_runs_checkpoint(text_data, tmp_path):
+  # `migu-jax eval RUN --end-tasks`: the run's own settings give result.json's end tasks again (from the newest
+  # checkpoint, without repeating the pre-training); other settings change only the end tasks.
+  import contextlib
+  import io
+
+  from migu_jax import cli
+  from migu_jax.cl import runner
+
+  cfg = _cfg(text_data, tmp_path, methods=("migu",), end_tasks={"G/a": "E/a-end"}, end_task_train_per_class=8,
+             end_task_max_test=8)
+  result = runner.run_sequence(cfg, "migu", 0)
+  run_dir = runner.run_folder(cfg, "migu", 0)
+  again = runner.end_tasks_checkpoint(run_dir, progress=False)
+  assert again["end_tasks"] == result["end_tasks"] and again["checkpoint"]["task"] == 2  # after both domains
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    assert cli.main(["eval", str(run_dir), "--end-tasks", "--tasks", "G/a", "--end-task-epochs", "2",
+                     "--no-progress"]) == 0
+  longer = json.loads((run_dir / "end_tasks.json").read_text())
+  assert longer["settings"]["end_task_epochs"] == 2 and longer["end_tasks"]["G/a"]["steps"] == 2 * again["end_tasks"]["G/a"]["steps"]
+  assert "E/a-end (G/a)" in printed.getvalue()
+  with pytest.raises(SystemExit, match="no end task for"):
+    cli.main(["eval", str(run_dir), "--end-tasks", "--tasks", "G/b"])
+  with pytest.raises(ValueError, match="not end-task settings"):
+    runner.end_tasks_checkpoint(run_dir, learning_rate=1.0)

@@ -1098,6 +1098,59 @@ def _initial_accuracies(cfg: Config, seed: int, head, params, tasks, mode: str |
   return row
 
 
+def _restore_newest(run_dir, progress: bool):
+  """``(cfg, method name, method, seed, state, meta)`` of a run folder's newest complete checkpoint (with the
+  run's own settings)."""
+  run_dir = storage.output_path(run_dir)
+  if not (run_dir / "config.json").is_file():
+    raise FileNotFoundError(f"{run_dir} has no config.json: pass a run folder such as <output>/migu/seed_0.")
+  identity = json.loads((run_dir / "config.json").read_text())
+  method_name, seed = identity.pop("method"), identity.pop("seed")
+  cfg = Config.from_dict({**identity, "methods": (method_name,), "seeds": (seed,), "progress": progress,
+                          "output_dir": str(run_dir.parent.parent)})
+  method = methods_lib.get_method(method_name)
+  _, model_params, _ = run_model(cfg)
+  train_head = _head(cfg, load_tasks(cfg, seed))
+  key = jax.random.key(seed)
+  head_key, lora_key = jax.random.split(jax.random.fold_in(key, 1))
+  like = cast_floats(methods_lib.init_params(method, cfg, model_params, train_head.init(head_key), lora_key),
+                     cfg.param_dtype)
+  tx = optimizers_lib.make_optimizer(method, cfg, seed)
+  with ckpt_lib.RunCheckpoints(run_dir / "checkpoints") as checkpoints:
+    restored = checkpoints.restore({"params": like, "opt_state": tx.init(like), "key": key})
+  if restored is None:
+    raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no complete checkpoint yet.")
+  return (cfg, method_name, method, seed, *restored)
+
+
+def end_tasks_checkpoint(run_dir: str | os.PathLike, *, progress: bool = True, **settings) -> dict:
+  """The DAS end-task protocol again on a text-domain run's newest checkpoint, with other end-task settings.
+
+  ``settings`` override the run's ``end_tasks``, ``end_task_train_per_class``, ``end_task_epochs``,
+  ``end_task_lr`` and ``end_task_max_test`` (e.g. more records for an end task that stayed at chance);
+  the continual pre-training is not repeated. Returns ``{"run_dir", "method", "seed", "checkpoint",
+  "settings", "end_tasks"}`` (``end_tasks`` as in ``result.json``).
+  """
+  unknown = sorted(set(settings) - {"end_tasks", "end_task_train_per_class", "end_task_epochs", "end_task_lr",
+                                    "end_task_max_test"})
+  if unknown:
+    raise ValueError(f"end_tasks_checkpoint: {unknown} are not end-task settings.")
+  cfg, method_name, method, seed, state, meta = _restore_newest(run_dir, progress)
+  if cfg.objective != "lm":
+    raise ValueError(f"{run_dir}: end tasks follow continual pre-training (objective='lm'); this run has "
+                     f"objective={cfg.objective!r}.")
+  cfg = cfg.replace(**settings)
+  if not cfg.end_tasks:
+    raise ValueError(f"{run_dir}: the run names no end tasks; pass end_tasks={{'group/domain': 'Category/task'}}.")
+  final = methods_lib.eval_params(method, cfg, state["params"])["model"]
+  out = run_end_tasks(cfg, final, seed, list(resolve_order(cfg.order)))
+  return {"run_dir": str(run_dir), "method": method_name, "seed": seed,
+          "checkpoint": {"task": meta["task"], "step": meta["step"]},
+          "settings": {k: getattr(cfg, k) for k in ("end_tasks", "end_task_train_per_class", "end_task_epochs",
+                                                     "end_task_lr", "end_task_max_test")},
+          "end_tasks": out}
+
+
 def evaluate_checkpoint(run_dir: str | os.PathLike, *, order=None, max_test: int | None = None,
                         data_dir: str | None = None, eval_mode: str | None = None, progress: bool = True) -> dict:
   """Evaluates the newest checkpoint of a run folder (``<output>/<method>/seed_<s>``) on tasks.
@@ -1110,27 +1163,7 @@ def evaluate_checkpoint(run_dir: str | os.PathLike, *, order=None, max_test: int
   Returns:
     ``{"run_dir", "method", "seed", "checkpoint": {"task", "step"}, "tasks", "accuracies", "eval_mode"}``.
   """
-  run_dir = storage.output_path(run_dir)
-  if not (run_dir / "config.json").is_file():
-    raise FileNotFoundError(f"{run_dir} has no config.json: pass a run folder such as <output>/migu/seed_0.")
-  identity = json.loads((run_dir / "config.json").read_text())
-  method_name, seed = identity.pop("method"), identity.pop("seed")
-  cfg = Config.from_dict({**identity, "methods": (method_name,), "seeds": (seed,), "progress": progress,
-                          "output_dir": str(run_dir.parent.parent)})
-  method = methods_lib.get_method(method_name)
-  _, model_params, _ = run_model(cfg)
-  train_tasks = load_tasks(cfg, seed)
-  train_head = _head(cfg, train_tasks)
-  key = jax.random.key(seed)
-  head_key, lora_key = jax.random.split(jax.random.fold_in(key, 1))
-  like = cast_floats(methods_lib.init_params(method, cfg, model_params, train_head.init(head_key), lora_key),
-                     cfg.param_dtype)
-  tx = optimizers_lib.make_optimizer(method, cfg, seed)
-  with ckpt_lib.RunCheckpoints(run_dir / "checkpoints") as checkpoints:
-    restored = checkpoints.restore({"params": like, "opt_state": tx.init(like), "key": key})
-  if restored is None:
-    raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no complete checkpoint yet.")
-  state, meta = restored
+  cfg, method_name, method, seed, state, meta = _restore_newest(run_dir, progress)
   changes = {k: v for k, v in (("order", order), ("max_test", max_test), ("data_dir", data_dir),
                                ("eval_mode", eval_mode)) if v is not None}
   eval_cfg = cfg.replace(**changes)
@@ -1178,5 +1211,5 @@ def _run_all(cfg: Config, callbacks: Sequence[Callback], plots: bool, start: flo
 
 __all__ = ["Config", "DTYPES", "DataError", "Placement", "capture_magnitudes", "cast_floats", "data_dir",
            "eval_placement", "evaluate", "evaluate_checkpoint", "is_writer", "load_general", "load_model",
-           "load_tasks", "make_mesh", "params_digest", "run_end_tasks", "run_experiment", "run_folder", "run_model",
+           "end_tasks_checkpoint", "load_tasks", "make_mesh", "params_digest", "run_end_tasks", "run_experiment", "run_folder", "run_model",
            "run_sequence", "scan_model", "shard_spec", "state_specs"]
