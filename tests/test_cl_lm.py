@@ -366,3 +366,23 @@ def test_end_tasks_again_on_a_finished_runs_checkpoint(text_data, tmp_path):
     cli.main(["eval", str(run_dir), "--end-tasks", "--tasks", "G/b"])
   with pytest.raises(ValueError, match="not end-task settings"):
     runner.end_tasks_checkpoint(run_dir, learning_rate=1.0)
+
+
+def test_learning_rates_chosen_on_dev_documents_by_perplexity(text_data, tmp_path):
+  # tune_rates with objective="lm": dev documents carved out of each domain's training file (never its test
+  # file, disjoint from what the run trains on), the rate with the lowest final average dev perplexity chosen.
+  from migu_jax.cl import runner, text, tune
+
+  dev = text.load_domain(text_data, "G/a", seed=0, dev_docs=5)
+  full = text.load_domain(text_data, "G/a", seed=0)
+  assert dev.test_is_dev and len(dev.test) == 5 and len(dev.train) == len(full.train) - 5
+  assert set(dev.test) <= set(full.train) and not set(dev.test) & set(dev.train) and not set(dev.test) & set(full.test)
+  with pytest.raises(text.DataError, match="dev_docs"):
+    text.load_domain(text_data, "G/a", dev_docs=32)
+  cfg = _cfg(text_data, tmp_path, methods=("seqft",), tune_rates=(3e-4, 3e-3), dev_per_class=5, general=None)
+  results = runner.run_experiment(cfg, plots=False)
+  tuning = json.loads((tmp_path / "tuning.json").read_text())
+  dev_ppl = tuning["dev_average_perplexity"]["seqft"]
+  assert tuning["chosen"]["seqft"] == tune.pick({float(r): p for r, p in dev_ppl.items()}, lower_is_better=True)
+  assert dev_ppl["0.003"] != dev_ppl["0.0003"]
+  assert [r["method"] for r in results["runs"]] == list(tune.tuned_methods(("seqft",), tuning["chosen"], 3e-3))

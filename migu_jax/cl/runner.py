@@ -85,7 +85,7 @@ class Config:
   ``order`` (a built-in order "1".."6", or task names); ``train_per_class`` and ``max_test`` (None: all);
   ``eval_split`` (``"test"``, or ``"dev"``: evaluate on ``dev_per_class`` records per label carved out of
   each task's training records, for choosing the learning rate without the test set, see
-  :mod:`migu_jax.cl.tune`); ``copa_prompt`` (``"reference"``: COPA without instruction and options, as
+  :mod:`migu_jax.cl.tune`; text domains: ``dev_per_class`` documents of the training file); ``copa_prompt`` (``"reference"``: COPA without instruction and options, as
   the reference; ``"instruction"``); ``padding`` (training batches: ``"longest"`` row rounded up to
   ``pad_multiple``, as the reference, or the fixed ``"buckets"``).
 
@@ -275,9 +275,9 @@ class Config:
     if self.objective not in objectives_lib.OBJECTIVES:
       raise ValueError(f"Config.objective={self.objective!r}; choose one of {objectives_lib.OBJECTIVES} ('task': "
                        "labeled tasks, 'lm': text domains with the model's own objective).")
-    if self.objective == "lm" and (self.also_eval or self.tune_rates or self.eval_split != "test"):
-      raise ValueError("Config.objective='lm' is evaluated by perplexity on each domain's test documents: "
-                       "also_eval, tune_rates and eval_split='dev' do not apply; leave them at their defaults.")
+    if self.objective == "lm" and self.also_eval:
+      raise ValueError("Config.objective='lm' is evaluated by perplexity on each domain's documents: also_eval "
+                       "does not apply; leave it at its default.")
     if self.general and self.objective != "lm":
       raise ValueError(f"Config.general={self.general!r} (a general corpus' perplexity) needs objective='lm' "
                        "(--objective lm).")
@@ -379,11 +379,11 @@ def load_tasks(cfg: Config, seed: int) -> list[Task]:
   """The tasks of ``cfg.order``, subsampled (train per class, max test) with ``seed``; with
   ``objective="lm"``, the text domains, packed into token blocks by the run's objective."""
   root = data_dir(cfg)
+  dev = cfg.dev_per_class if cfg.eval_split == "dev" else None  # with objective="lm": documents per domain
   if cfg.objective == "lm":
     objective = _head(cfg, ())
     return [objective.pack(text_lib.load_domain(root, name, max_train=cfg.train_per_class, max_test=cfg.max_test,
-                                                seed=seed)) for name in resolve_order(cfg.order)]
-  dev = cfg.dev_per_class if cfg.eval_split == "dev" else None
+                                                seed=seed, dev_docs=dev)) for name in resolve_order(cfg.order)]
   return [load_task(root, name, train_per_class=cfg.train_per_class, max_test=cfg.max_test, seed=seed,
                     dev_per_class=dev) for name in resolve_order(cfg.order)]
 

@@ -141,8 +141,11 @@ def _sample(docs: Sequence[str], limit: int | None, seed: int) -> list[str]:
 
 
 def load_domain(root: str | Path, name: str, *, max_train: int | None = None, max_test: int | None = None,
-                seed: int = 0) -> TextDomain:
+                seed: int = 0, dev_docs: int | None = None) -> TextDomain:
   """A domain's documents: at most ``max_train`` training and ``max_test`` test documents (seeded sample).
+
+  ``dev_docs``: evaluate on that many documents carved out of the *training* file instead of the test
+  documents (``test_is_dev``; for choosing a learning rate), trained on by no run of the same seed.
 
   Raises:
     DataError: no such folder, no train file, or a bad file (see :func:`read_documents`).
@@ -168,9 +171,16 @@ def load_domain(root: str | Path, name: str, *, max_train: int | None = None, ma
     train = [d for i, d in enumerate(train) if i not in held]
   else:
     test = read_documents(test_file)
+  if dev_docs:
+    if len(train) <= dev_docs:
+      raise DataError(f"{train_file}: {len(train)} documents, not enough to hold out dev_docs={dev_docs} for "
+                      "tuning; lower Config.dev_per_class.")
+    held = set(random.Random(f"dev/{seed}").sample(range(len(train)), dev_docs))
+    test = [d for i, d in enumerate(train) if i in held]
+    train = [d for i, d in enumerate(train) if i not in held]
   train, test = _sample(train, max_train, seed), _sample(test, max_test, seed)
   return TextDomain(f"{group}/{folder_name}", group, folder_name, tuple(train), tuple(test), heldout,
-                    (len(train), len(test)))
+                    (len(train), len(test)), test_is_dev=bool(dev_docs))
 
 
 def load_corpus(folder: str | Path, *, max_docs: int | None = None, seed: int = 0) -> TextDomain:

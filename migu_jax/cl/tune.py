@@ -4,7 +4,9 @@ A fair comparison of continual-learning methods trains each at its own learning 
 runs every method of a config at every rate of ``cfg.tune_rates`` with one seed, evaluating on
 ``cfg.dev_per_class`` records per label held out of each task's *training* records
 (``Config.eval_split="dev"``), and picks, per method, the rate with the best final average accuracy on
-dev (ties: the smaller rate). :func:`tuned_methods` then names the runs of the real experiment: each method
+dev (ties: the smaller rate). For continual pre-training (``objective="lm"``) the dev split is
+``dev_per_class`` documents per domain carved out of its training file, and the best rate has the lowest
+final average perplexity on them. :func:`tuned_methods` then names the runs of the real experiment: each method
 at its chosen rate and at the config's own ``learning_rate`` (the paper's fixed 1e-4, say), side by side as
 ``"migu@3e-4"`` / ``"migu@1e-4"``.
 
@@ -36,35 +38,38 @@ def dev_config(cfg):
   seed = cfg.seeds[0] if cfg.tune_seed is None else cfg.tune_seed
   specs = tuple(rate_spec(m, r) for m in cfg.methods for r in cfg.tune_rates)
   max_test = 50 if cfg.max_test is None else min(cfg.max_test, 50)
+  text_only = dict(general=None, end_tasks=None) if cfg.objective == "lm" else {}  # not needed to choose
   return cfg.replace(methods=specs, seeds=(seed,), eval_split="dev", tune_rates=(), also_eval=(),
-                     max_test=max_test, output_dir=str(Path(cfg.output_dir) / "tune"), magnitude_batches=0)
+                     max_test=max_test, output_dir=str(Path(cfg.output_dir) / "tune"), magnitude_batches=0,
+                     **text_only)
 
 
-def pick(scores: dict[float, float]) -> float:
-  """The rate with the best score; ties go to the smaller rate.
+def pick(scores: dict[float, float], lower_is_better: bool = False) -> float:
+  """The rate with the best score (the highest, or the lowest with ``lower_is_better``); ties go to the
+  smaller rate.
 
   Example:
-    >>> pick({1e-4: 0.70, 3e-4: 0.72, 3e-5: 0.72})
-    3e-05
+    >>> pick({1e-4: 0.70, 3e-4: 0.72, 3e-5: 0.72}), pick({1e-4: 40.0, 3e-4: 55.0}, lower_is_better=True)
+    (3e-05, 0.0001)
   """
-  best = max(scores.values())
+  best = (min if lower_is_better else max)(scores.values())
   return min(r for r, s in scores.items() if s == best)
 
 
 def choose_rates(cfg, run_experiment) -> dict:
   """Runs the dev sweep of ``cfg`` with ``run_experiment`` and returns (and writes to
   ``<output_dir>/tuning.json``) ``{"chosen": {method: rate}, "dev_average_accuracy": {method: {rate: AA}},
-  "seed", "dev_per_class"}``."""
+  "seed", "dev_per_class"}`` (``"dev_average_perplexity"`` instead for text domains)."""
   for m in cfg.methods:
     if methods_lib.split_spec(m)[1] is not None:
       raise ValueError(f"Config.methods names {m!r} with its own rate and tune_rates is set; give plain method "
                        "names to tune, or drop tune_rates.")
   dev = dev_config(cfg)
   results = run_experiment(dev)
-  scores = {m: {r: results["comparison"][rate_spec(m, r)]["average_accuracy"] for r in cfg.tune_rates}
-            for m in cfg.methods}
-  tuning = {"chosen": {m: pick(s) for m, s in scores.items()},
-            "dev_average_accuracy": {m: {f"{r:g}": a for r, a in s.items()} for m, s in scores.items()},
+  metric = "average_perplexity" if cfg.objective == "lm" else "average_accuracy"
+  scores = {m: {r: results["comparison"][rate_spec(m, r)][metric] for r in cfg.tune_rates} for m in cfg.methods}
+  tuning = {"chosen": {m: pick(s, lower_is_better=metric == "average_perplexity") for m, s in scores.items()},
+            f"dev_{metric}": {m: {f"{r:g}": a for r, a in s.items()} for m, s in scores.items()},
             "seed": dev.seeds[0], "dev_per_class": cfg.dev_per_class, "rates": list(cfg.tune_rates)}
   out = Path(cfg.output_dir)
   out.mkdir(parents=True, exist_ok=True)
