@@ -340,6 +340,32 @@ def test_t5_continual_pretraining_runs_and_lowers_perplexity(text_data, tmp_path
   assert np.isfinite(matrix).all() and matrix[0, 0] < initial[0] and matrix[1, 1] < matrix[0, 1]
 
 
+def test_continual_pretraining_with_scanned_layers_bfloat16_and_remat(text_data, tmp_path):
+  """Llama's causal LM with its layers scanned trains like the unrolled run (MIGU masks per layer); bfloat16
+  compute with remat (Llama and BERT's masked LM) keeps float32 parameters and learns."""
+  from migu_jax.cl import runner
+  from migu_jax.models import save_pretrained
+  from migu_jax.models.llama import modeling as llama, params as llama_params
+
+  tok = _tokenizer("lm")
+  cfg = llama.Config.of_size("tiny", num_hidden_layers=2, vocab_size=len(tok), max_position_embeddings=32)
+  save_pretrained(llama.LlamaForCausalLM(cfg), llama_params.init_params(cfg, seed=1), tmp_path / "llama", tokenizer=tok)
+  runs = {"unrolled": ("llama", {}), "scanned": ("llama", dict(scan_layers=True)),
+          "llama_bf16": ("llama", dict(dtype="bfloat16", remat=True)), "bert_bf16": ("bert", dict(dtype="bfloat16"))}
+  results = {}
+  for name, (model, changes) in runs.items():
+    folder = tmp_path / model if model == "llama" else text_data / model
+    c = _cfg(text_data, tmp_path / name, model=str(folder), methods=("migu",), general=None, **changes)
+    results[name] = runner.run_sequence(c, "migu", 0)
+  np.testing.assert_allclose(results["scanned"]["matrix"], results["unrolled"]["matrix"], rtol=1e-4)
+  for name in ("llama_bf16", "bert_bf16"):
+    matrix, initial = np.array(results[name]["matrix"]), np.array(results[name]["initial"])
+    assert np.isfinite(matrix).all() and matrix[0, 0] < initial[0] and matrix[1, 1] < matrix[0, 1], name
+  model, params, _ = runner.load_model(str(tmp_path / "llama"), "lm", "bfloat16", True, True)
+  assert model.config.dtype == jnp.bfloat16 and model.config.scan_layers
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+
+
 def test_end_tasks_again_on_a_finished_runs_checkpoint(text_data, tmp_path):
   # `migu-jax eval RUN --end-tasks`: the run's own settings give result.json's end tasks again (from the newest
   # checkpoint, without repeating the pre-training); other settings change only the end tasks.

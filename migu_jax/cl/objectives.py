@@ -334,22 +334,23 @@ class SpanCorruptionObjective(LanguageModelObjective):
     return _weighted(token_nll(logits, y), y_mask.astype(jnp.float32) * batch["live"][:, None])
 
 
-def load_language_model(spec: str):
+def load_language_model(spec: str, dtype=jnp.float32, remat: bool = False):
   """``(model, params, tokenizer)`` for the LM objective: BERT/RoBERTa with the MLM head
-  (:func:`migu_jax.models.bert.mlm.from_pretrained`), Llama and T5 as they are."""
+  (:func:`migu_jax.models.bert.mlm.from_pretrained`), Llama and T5 as they are; computing in ``dtype``
+  (parameters float32), with ``remat`` recomputing each layer in the backward pass."""
   from migu_jax.models import PRESETS, from_pretrained, hub
   from migu_jax.models._checkpoint import read_config
   from migu_jax.models.bert import mlm
 
   if spec == "minilm":
-    return mlm.from_pretrained(spec)[:3]
+    return mlm.from_pretrained(spec, dtype=dtype, remat=remat)[:3]
   if spec in PRESETS or spec.endswith(".gguf"):
-    return from_pretrained(spec)
+    return from_pretrained(spec, dtype=dtype, remat=remat)
   folder = hub._resolve_folder(spec)
   model_type = read_config(folder).get("model_type")
   if model_type in ("bert", "roberta"):
-    return mlm.from_pretrained(folder)[:3]
-  return from_pretrained(folder)
+    return mlm.from_pretrained(folder, dtype=dtype, remat=remat)[:3]
+  return from_pretrained(folder, dtype=dtype, remat=remat)
 
 
 def make_objective(model, tokenizer, cfg: ObjectiveConfig,

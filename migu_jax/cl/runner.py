@@ -401,16 +401,12 @@ def load_model(spec: str, objective: str = "task", dtype: str = "float32", remat
   """``(model, params, tokenizer)`` of a preset, local folder or hub id (cached: runs share it); the model
   computes in ``dtype`` (a name of :data:`DTYPES`), with ``remat`` recomputing its layers in the backward
   pass and ``scan_layers`` (Llama) scanning them (:func:`scan_model`); the parameters are float32.
-  ``objective="lm"``: with the LM head (:func:`migu_jax.cl.objectives.load_language_model`), float32
-  without remat or scanned layers for now."""
+  ``objective="lm"``: with the LM head (:func:`migu_jax.cl.objectives.load_language_model`)."""
   if objective == "lm":
-    if dtype != "float32" or remat or scan_layers:
-      raise ValueError(f"objective='lm' runs in float32 without remat or scanned layers for now (got "
-                       f"dtype={dtype!r}, remat={remat}, scan_layers={scan_layers}); drop "
-                       "--dtype/--remat/--scan-layers for continual pre-training.")
-    return objectives_lib.load_language_model(spec)
-  from migu_jax.models import from_pretrained
-  model, params, tokenizer = from_pretrained(spec, dtype=DTYPES[dtype], remat=remat)
+    model, params, tokenizer = objectives_lib.load_language_model(spec, DTYPES[dtype], remat)
+  else:
+    from migu_jax.models import from_pretrained
+    model, params, tokenizer = from_pretrained(spec, dtype=DTYPES[dtype], remat=remat)
   return (*scan_model(spec, model, params), tokenizer) if scan_layers else (model, params, tokenizer)
 
 
