@@ -111,6 +111,8 @@ def test_mask_targets_limit_the_mask_to_their_layers(tiny_models, tmp_path, migu
   assert attn["params_sha256"] != migu_run["params_sha256"]
   with pytest.raises(ValueError, match="mask_targets"):
     runner.run_sequence(_migu(tiny_models, tmp_path / "bad", mask_targets=("attention[",)), "migu", 0)
+  with pytest.raises(ValueError, match="selects no layer.*paths such as"):  # a no-op mask is an error
+    runner.run_sequence(_migu(tiny_models, tmp_path / "none", mask_targets=(r"no_such_layer_\d",)), "migu", 0)
 
 
 def test_warmup_schedule_rises_then_stays():

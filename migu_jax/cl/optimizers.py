@@ -195,10 +195,33 @@ def set_hyperparam(opt_state, name: str, value):
   return jax.tree.map(update, opt_state, is_leaf=_is_injected)
 
 
+def check_mask_targets(method: Method, cfg, params) -> None:
+  """Raises naming the fix when ``cfg.mask_targets`` selects no leaf of ``params`` (a silent no-op mask
+  otherwise: a pattern written for one layout, say ``layers_\\d+/mlp``, finds nothing in a scanned
+  model's ``model/layers/mlp/...``).
+
+  Example:
+    >>> from migu_jax.cl import methods as methods_lib
+    >>> from migu_jax.cl.runner import Config
+    >>> params = {"model": {"layers_0": {"mlp": {"kernel": jnp.ones((2, 3))}}}}
+    >>> check_mask_targets(methods_lib.get_method("migu"), Config(mask_targets=("mlp",)), params)
+  """
+  where = _where(method, mask_patterns(cfg), cfg.mask_tied_embedding)
+  flat = [(tuple(str(getattr(k, "key", k)) for k in path), leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
+  if not any(where(path, leaf) for path, leaf in flat):
+    kernels = ["/".join(path) for path, _ in flat if path[-1] == "kernel"][:4]
+    raise ValueError(f"Config.mask_targets={cfg.mask_targets!r} selects no layer of {method.name!r}'s "
+                     f"parameters, so nothing would be masked; the patterns are searched in paths such as "
+                     f"{kernels} (a scanned Llama's layers are 'model/layers/...', one leaf for all layers).")
+
+
 def start_task(method: Method, cfg, tx, params, task_index: int, state=None):
   """The optimizer state a task starts with: fresh (``cfg.reset_optimizer``, as the reference does), or
   the previous task's ``state`` carried on; the mask is off on the first task when
   ``cfg.first_task_unmasked``."""
+  if method.mask is not None and cfg.mask_targets and task_index == 0:
+    check_mask_targets(method, cfg, params)
   if state is None or task_index == 0 or cfg.reset_optimizer:
     state = tx.init(params)
   if method.mask is not None:
