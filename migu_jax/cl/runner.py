@@ -91,7 +91,8 @@ class Config:
 
   Objective: ``objective`` (``"task"``: the labeled tasks and heads above; ``"lm"``: continual
   pre-training on text domains, :mod:`migu_jax.cl.text`, with the model's own objective,
-  :mod:`migu_jax.cl.objectives`: masked LM for BERT/RoBERTa with ``mlm_probability``, causal LM for Llama;
+  :mod:`migu_jax.cl.objectives`: masked LM for BERT/RoBERTa with ``mlm_probability``, causal LM for Llama,
+  span corruption for T5;
   the matrix then holds held-out perplexities, lower is better, see :mod:`migu_jax.cl.perplexity`). With
   ``"lm"``, ``order`` names ``group/domain`` folders, ``max_length`` is the block size, ``train_per_class``
   and ``max_test`` cap the training and test documents per domain, and ``general`` (a folder with
