@@ -18,7 +18,9 @@ Protocol (issue 9):
   longest row; the rounding bounds the compiled shapes on CPU).
 * Scale (sized for 2 CPU cores): 16 training records per label (dbpedia 224, amazon 80, yahoo 160, agnews
   64: 33 steps per run), 40 test records per task, prompts cut to 128 tokens. A first try at 32 per label
-  and 100 test records took over an hour per dev run on this machine.
+  and 100 test records took over an hour per dev run on this machine; at this size a dev run takes about
+  16 min on the idle 2-core machine (about 16 s per step of 16 rows), and the process peaks at 12-15 GB
+  resident (the train step's working set: XLA counts 5.2 GB of temporaries; RESULTS.md A3).
 
 Results: experiments/RESULTS.md (section "SmolLM2, the paper's setting").
 """
