@@ -342,15 +342,15 @@ def load_language_model(spec: str, dtype=jnp.float32, remat: bool = False):
   from migu_jax.models._checkpoint import read_config
   from migu_jax.models.bert import mlm
 
+  run = dict(dtype=dtype, remat=remat)
   if spec == "minilm":
-    return mlm.from_pretrained(spec, dtype=dtype, remat=remat)[:3]
+    return mlm.from_pretrained(spec, **run)[:3]
   if spec in PRESETS or spec.endswith(".gguf"):
-    return from_pretrained(spec, dtype=dtype, remat=remat)
+    return from_pretrained(spec, **run)
   folder = hub._resolve_folder(spec)
-  model_type = read_config(folder).get("model_type")
-  if model_type in ("bert", "roberta"):
-    return mlm.from_pretrained(folder, dtype=dtype, remat=remat)[:3]
-  return from_pretrained(folder, dtype=dtype, remat=remat)
+  if read_config(folder).get("model_type") in ("bert", "roberta"):
+    return mlm.from_pretrained(folder, **run)[:3]
+  return from_pretrained(folder, **run)
 
 
 def make_objective(model, tokenizer, cfg: ObjectiveConfig,

@@ -207,10 +207,9 @@ def check_mask_targets(method: Method, cfg, params) -> None:
     >>> check_mask_targets(methods_lib.get_method("migu"), Config(mask_targets=("mlp",)), params)
   """
   where = _where(method, mask_patterns(cfg), cfg.mask_tied_embedding)
-  flat = [(tuple(str(getattr(k, "key", k)) for k in path), leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
-  if not any(where(path, leaf) for path, leaf in flat):
-    kernels = ["/".join(path) for path, _ in flat if path[-1] == "kernel"][:4]
+  flat = migu.masking._flatten(params)  # the paths the mask itself gives ``where``
+  if not any(where(path, leaf) for path, leaf in flat.items()):
+    kernels = ["/".join(path) for path in flat if path[-1] == "kernel"][:4]
     raise ValueError(f"Config.mask_targets={cfg.mask_targets!r} selects no layer of {method.name!r}'s "
                      f"parameters, so nothing would be masked; the patterns are searched in paths such as "
                      f"{kernels} (a scanned Llama's layers are 'model/layers/...', one leaf for all layers).")
