@@ -379,6 +379,10 @@ def test_end_tasks_again_on_a_finished_runs_checkpoint(text_data, tmp_path):
              end_task_max_test=8)
   result = runner.run_sequence(cfg, "migu", 0)
   run_dir = runner.run_folder(cfg, "migu", 0)
+  ran = []  # the same command again finds the end tasks in the newest checkpoint and does not repeat them
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(runner, "run_end_tasks", lambda *args: ran.append(args))
+    assert runner.run_sequence(cfg, "migu", 0)["end_tasks"] == result["end_tasks"] and not ran
   again = runner.end_tasks_checkpoint(run_dir, progress=False)
   assert again["end_tasks"] == result["end_tasks"] and again["checkpoint"]["task"] == 2  # after both domains
   printed = io.StringIO()
