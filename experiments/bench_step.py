@@ -11,7 +11,11 @@ Three models, each at 16 x 128 tokens with random weights:
   embedding's rows (the paper's Table 10 setting);
 * ``stack``: a bare stack of 6 pre-LayerNorm blocks of width 384 built from
   plain ``nn.Dense`` layers (attention projections and a 4x MLP), the kind of
-  model a user writes by hand.
+  model a user writes by hand;
+* ``causal``: SmolLM2-135M's shapes (Llama, 30 layers, width 576, LM head tied
+  to the 49,152-row embedding), the causal-LM loss at every position: the
+  continual pre-training of a decoder (``--layers``/``--width`` do not apply;
+  a step of 16 x 128 takes about 18 s here, so pass ``--batch 8``).
 
 Both steps come from the same builder (``migu.make_train_step``); the MIGU step
 adds the magnitude capture (sum |y| of every linear output) and
@@ -25,6 +29,7 @@ temporaries - aliased donations); they do not depend on machine load.
 Run:
   .venv/bin/python experiments/bench_step.py            # ~9 minutes on 2 CPU cores (estimated: bert and stack ~5, mlm ~4)
   .venv/bin/python experiments/bench_step.py --models stack --repeats 4 --steps 2   # quicker
+  .venv/bin/python experiments/bench_step.py --models causal --batch 8 --repeats 4 --steps 2   # ~8 minutes
 """
 
 from __future__ import annotations
@@ -41,10 +46,10 @@ import numpy as np
 import optax
 
 import migu_jax as migu
-from migu_jax.models import bert, mean_pool
+from migu_jax.models import bert, llama, mean_pool
 from migu_jax.models.bert.mlm import BertForMaskedLM
 
-MODELS = ("bert", "mlm", "stack")
+MODELS = ("bert", "mlm", "stack", "causal")
 
 
 class Classifier(nn.Module):
@@ -94,7 +99,7 @@ class DenseStack(nn.Module):
 
 def build(name: str, args):
   """``(params, batch, {variant: (train_step, tx)})`` for one model."""
-  vocab = 30522
+  vocab = 49152 if name == "causal" else 30522
   config = bert.Config(
       vocab_size=vocab, hidden_size=args.width, num_hidden_layers=args.layers,
       num_attention_heads=args.width // 32, intermediate_size=4 * args.width,
@@ -105,19 +110,24 @@ def build(name: str, args):
     model = BertForMaskedLM(config)  # called as (input_ids, attention_mask) like the others
   elif name == "stack":
     model = DenseStack(vocab, args.width, args.layers)
+  elif name == "causal":
+    model = llama.LlamaForCausalLM(llama.Config.of_size("smollm2-135m"))
   else:
     raise ValueError(f"bench_step: unknown model {name!r}; expected one of {MODELS}.")
   rng = np.random.default_rng(0)
   shape = (args.batch, args.seq)
-  # One weighted cross entropy for all three: mlm predicts a token at 15% of the positions (weight 1, elsewhere
-  # 0); the classifiers predict one of 4 labels per row (weight 1).
-  targets, classes = (shape, vocab) if name == "mlm" else (shape[:1], 4)
+  # One weighted cross entropy for all: mlm predicts a token at 15% of the positions (weight 1, elsewhere 0),
+  # causal one at every position; the classifiers predict one of 4 labels per row (weight 1).
+  targets, classes = (shape, vocab) if name in ("mlm", "causal") else (shape[:1], 4)
   batch = {
       "ids": rng.integers(0, vocab, shape).astype(np.int32),
       "mask": np.ones(shape, np.int32),
       "label": rng.integers(0, classes, targets).astype(np.int32),
       "weight": (rng.random(targets) < 0.15 if name == "mlm" else np.ones(targets)).astype(np.float32),
   }
+  if name == "causal":  # the next token of each position (the last one predicts nothing)
+    batch["label"] = np.roll(batch["ids"], -1, axis=1)
+    batch["weight"][:, -1] = 0.0
   params = model.init(jax.random.key(0), batch["ids"][:1], batch["mask"][:1])["params"]
 
   def xent(logits, batch):
@@ -179,7 +189,8 @@ def bench(name: str, args) -> dict:
       states[variant] = (p, s)
 
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  print(f"[{name}] model {args.layers}x{args.width}, {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq}")
+  shape = "SmolLM2-135M's shapes" if name == "causal" else f"{args.layers}x{args.width}"
+  print(f"[{name}] model {shape}, {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq}")
   for variant in steps:
     t, c = statistics.median(times[variant]), costs[variant]
     print(f"  {variant:6s} step {t * 1e3:8.1f} ms (median of {args.repeats}x{args.steps}, "
