@@ -1,6 +1,6 @@
 """Cost of MIGU in a train step: plain AdamW step against the MIGU step.
 
-Three models, each at 16 x 128 tokens with random weights:
+Four models, each at 16 x 128 tokens (or --batch x --seq) with random weights:
 
 * ``bert``: a BERT encoder of MiniLM's size (6 layers, width 384, 12 heads)
   with a classification head, from ``migu_jax.models``;
