@@ -26,41 +26,25 @@ under SeqFT, 2.42 under MIGU and 2.38 under the random mask (BWT); general-corpu
 forgetting here, and so does a random mask of the same size.
 """
 
-from pathlib import Path
+from cpt_minilm import get_config as minilm_config
 
 from migu_jax.cl.runner import Config
 
-DOMAINS = Path("~/.cache/migu_jax/text_domains").expanduser()
-
 
 def get_config() -> Config:
-  return Config(
+  """cpt_minilm's domains, general corpus, end tasks and optimizer, with SmolLM2 and this file's scale."""
+  return minilm_config().replace(
       model="smollm2-135m",
-      objective="lm",
       head="causal_lm",            # the end tasks' head: the label generated after the prompt
       eval_mode="options",         # end tasks scored by option likelihood
-      data_dir=str(DOMAINS),
-      order=("news/agnews", "encyclopedia/dbpedia", "reviews/products", "reviews/movies"),
-      general=str(DOMAINS / "general" / "boolq"),
-      end_tasks={"news/agnews": "TC/agnews-end", "encyclopedia/dbpedia": "TC/dbpedia-end",
-                 "reviews/products": "SC/products-end", "reviews/movies": "SC/movies-end"},
       end_task_train_per_class=8,
       end_task_max_test=100,
-      end_task_epochs=2,
-      end_task_lr=1e-4,
-      methods=("seqft", "migu", "random"),
       seeds=(0,),
-      ratio=0.7,
-      train_per_class=96,          # with objective="lm": training documents per domain
+      train_per_class=96,          # training documents per domain
       max_test=32,                 # held-out documents per domain (and of the general corpus)
-      max_length=128,              # block size
       batch_size=8,
-      learning_rate=1e-4,
-      weight_decay=0.0,
       pad_multiple=32,
       length_buckets=(64, 96, 128),
       eval_batch_size=16,
-      checkpoint_every=10,
-      magnitude_batches=0,
       output_dir="runs/cpt_smollm2",
   )
