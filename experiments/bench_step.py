@@ -99,7 +99,8 @@ class DenseStack(nn.Module):
 
 def build(name: str, args):
   """``(params, batch, {variant: (train_step, tx)})`` for one model."""
-  vocab = 49152 if name == "causal" else 30522
+  smollm2 = llama.Config.of_size("smollm2-135m")
+  vocab = smollm2.vocab_size if name == "causal" else 30522
   config = bert.Config(
       vocab_size=vocab, hidden_size=args.width, num_hidden_layers=args.layers,
       num_attention_heads=args.width // 32, intermediate_size=4 * args.width,
@@ -111,7 +112,7 @@ def build(name: str, args):
   elif name == "stack":
     model = DenseStack(vocab, args.width, args.layers)
   elif name == "causal":
-    model = llama.LlamaForCausalLM(llama.Config.of_size("smollm2-135m"))
+    model = llama.LlamaForCausalLM(smollm2)
   else:
     raise ValueError(f"bench_step: unknown model {name!r}; expected one of {MODELS}.")
   rng = np.random.default_rng(0)

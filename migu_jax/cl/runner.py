@@ -985,11 +985,12 @@ class _Run:
     """The DAS end tasks of a text-domain run (then a checkpoint holding them, so that running the command
     again does not repeat them), the parameters' digest, and ``result.json``."""
     cfg, s = self.cfg, self.state
+    params = self.placed.fetch(self.params)  # gathered once (on a mesh, the whole model comes to the host)
     if cfg.objective == "lm" and cfg.end_tasks and s.end_tasks is None:
-      final = methods_lib.eval_params(self.method, cfg, self.placed.fetch(self.params))["model"]  # LoRA merged
+      final = methods_lib.eval_params(self.method, cfg, params)["model"]  # LoRA merged
       s.end_tasks = run_end_tasks(cfg, final, self.seed, [t.name for t in self.tasks])
       self.save()
-    s.params_sha256 = params_digest(self.placed.fetch(self.params))
+    s.params_sha256 = params_digest(params)
     result = report_lib.run_result(self.name, self.seed, self.tasks, s.to_meta(), self.head.eval_mode)
     if is_writer():
       atomic.write_json(run_folder(cfg, self.name, self.seed) / "result.json", result)
