@@ -252,8 +252,9 @@ def test_failing_save_in_a_run_stops_it_and_the_resume_is_bit_identical(tiny_mod
 
 # ------------------------------------------------------------------ the command, stopped by SIGTERM
 
-LONG = dict(order="dbpedia,amazon", train_per_class=4, epochs=30, checkpoint_every=1000, magnitude_batches=0)
-"""A first task of 210 steps, checkpoints only at task ends."""
+LONG = dict(order="dbpedia,amazon", train_per_class=4, task_epochs={"dbpedia": 30}, checkpoint_every=1000,
+            magnitude_batches=0)
+"""A first task of 210 steps, a second of 3, checkpoints only at task ends."""
 
 
 def test_sigterm_to_the_command_stops_it_within_30s_and_the_resume_is_bit_identical(tiny_models, tmp_path):
@@ -261,7 +262,7 @@ def test_sigterm_to_the_command_stops_it_within_30s_and_the_resume_is_bit_identi
 
   cfg = tiny_config(tiny_models["bert"], tmp_path / "stopped", **LONG)
   args = ["run", "--model", cfg.model, "--data-dir", cfg.data_dir, "--tasks", "dbpedia,amazon", "--methods", "migu",
-          "--train-per-class", "4", "--epochs", "30", "--max-test", "8", "--max-length", "32", "--batch-size", "8",
+          "--train-per-class", "4", "--set", "task_epochs={'dbpedia': 30}", "--max-test", "8", "--max-length", "32", "--batch-size", "8",
           "--lr", "3e-3", "--checkpoint-every", "1000", "--output", cfg.output_dir, "--set", "length_buckets=(32,)",
           "--set", "eval_batch_size=16", "--set", "magnitude_batches=0", "--no-progress", "--no-plots"]
   proc = _cli(*args)
