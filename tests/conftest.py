@@ -39,6 +39,12 @@ from tiny_cl import DATA, NO_DATA, build_tiny_models, once_per_run, resumable_co
 jax.config.update("jax_num_cpu_devices", 8)
 
 
+def pytest_collection_modifyitems(items):
+  """The tests marked ``heavy`` (a process or two of their own, or whole experiments: 15 s or more each) run
+  first, so that with ``-n 2 --dist worksteal`` none of them starts near the end while the other worker idles."""
+  items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
   """Folders of tiny random models with tokenizers trained on the benchmark's sentences (needs the benchmark

@@ -5,12 +5,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tiny_cl import DATA
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "accelerator_check.py"
 
 
+@pytest.mark.heavy
 def test_accelerator_check_runs_at_tiny_size(tiny_models, capsys):
   spec = importlib.util.spec_from_file_location("accelerator_check", SCRIPT)
   module = importlib.util.module_from_spec(spec)

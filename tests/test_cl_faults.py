@@ -257,6 +257,7 @@ LONG = dict(order="dbpedia,amazon", train_per_class=4, task_epochs={"dbpedia": 3
 """A first task of 210 steps, a second of 3, checkpoints only at task ends."""
 
 
+@pytest.mark.heavy
 def test_sigterm_to_the_command_stops_it_within_30s_and_the_resume_is_bit_identical(tiny_models, tmp_path):
   from migu_jax.cl import checkpoint, runner
 

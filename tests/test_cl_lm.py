@@ -340,6 +340,7 @@ def test_t5_continual_pretraining_runs_and_lowers_perplexity(text_data, tmp_path
   assert np.isfinite(matrix).all() and matrix[0, 0] < initial[0] and matrix[1, 1] < matrix[0, 1]
 
 
+@pytest.mark.heavy
 def test_continual_pretraining_with_scanned_layers_bfloat16_and_remat(text_data, tmp_path):
   """Llama's causal LM with its layers scanned trains like the unrolled run (MIGU masks per layer); bfloat16
   compute with remat (Llama and BERT's masked LM) keeps float32 parameters and learns."""

@@ -42,6 +42,7 @@ def test_reproduce_names_only_existing_configs():
     assert reproduce.configs(name), name
 
 
+@pytest.mark.heavy
 def test_reproduce_runs_an_experiment_and_reports_its_runs(tiny_models, tmp_path):
   reproduce = _reproduce()
   root, out = tmp_path / "runs", tmp_path / "results"

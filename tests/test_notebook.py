@@ -19,6 +19,7 @@ def test_notebook_is_stored_without_outputs():
   assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
 
 
+@pytest.mark.heavy
 def test_notebook_runs_at_a_small_setting(tiny_models, tmp_path):
   # The tiny BERT (tests/tiny_cl.py) stands in for MiniLM: the notebook's code is the same for any model (the
   # MiniLM preset itself is tested in tests/test_models_bert.py and runs in the main job).

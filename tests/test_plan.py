@@ -58,6 +58,7 @@ def test_model_names_and_config_files(tmp_path):
     plan.fits({"peak_bytes": 1}, "v99")
 
 
+@pytest.mark.heavy
 def test_plan_command_reports_the_verdict(tmp_path):
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
   env.pop("XLA_FLAGS", None)

@@ -142,6 +142,7 @@ def test_method_rate_specs_and_choice():
   assert tune_lib.tuned_methods(("seqft",), {"seqft": 1e-4}, 1e-4) == ("seqft@0.0001",)
 
 
+@pytest.mark.heavy
 def test_tuned_experiment_runs_methods_at_dev_chosen_and_fixed_rates(tiny_models, tmp_path):
   from migu_jax.cl import runner
 

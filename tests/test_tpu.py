@@ -174,6 +174,7 @@ def _state(checkpoint_folder):
   return ocp.PyTreeCheckpointer().restore(checkpoint_folder / "state")
 
 
+@pytest.mark.heavy
 def test_sigterm_stops_two_hosts_at_the_step_and_the_resume_is_bit_identical(tiny_models, tmp_path, two_hosts):
   # A preempted pod slice: SIGTERM on every host after step 1 of task 1. The resumed run gets SIGTERM on
   # process 1 alone after step 1 of task 2 (process 0 learns of it from the per-step all-gather). Each time
