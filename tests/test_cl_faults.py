@@ -263,9 +263,10 @@ def test_sigterm_to_the_command_stops_it_within_30s_and_the_resume_is_bit_identi
 
   cfg = tiny_config(tiny_models["bert"], tmp_path / "stopped", **LONG)
   args = ["run", "--model", cfg.model, "--data-dir", cfg.data_dir, "--tasks", "dbpedia,amazon", "--methods", "migu",
-          "--train-per-class", "4", "--set", "task_epochs={'dbpedia': 30}", "--max-test", "8", "--max-length", "32", "--batch-size", "8",
-          "--lr", "3e-3", "--checkpoint-every", "1000", "--output", cfg.output_dir, "--set", "length_buckets=(32,)",
-          "--set", "eval_batch_size=16", "--set", "magnitude_batches=0", "--no-progress", "--no-plots"]
+          "--train-per-class", "4", "--set", f"task_epochs={LONG['task_epochs']!r}", "--max-test", "8",
+          "--max-length", "32", "--batch-size", "8", "--lr", "3e-3", "--checkpoint-every", "1000", "--output",
+          cfg.output_dir, "--set", "length_buckets=(32,)", "--set", "eval_batch_size=16", "--set",
+          "magnitude_batches=0", "--no-progress", "--no-plots"]
   proc = _cli(*args)
   first = runner.run_folder(cfg, "migu", 0) / "checkpoints" / "0"
   deadline = time.time() + 180

@@ -31,29 +31,31 @@ SCRIPT = REPO / "experiments" / "tpu" / "run_cl.py"
 ORDER = "amazon,agnews"  # 20 and 16 training records: 2 + 2 steps of 8 rows
 
 
-def start_script(*args, processes=1, devices=8, script=None, env=None):
-  """Starts the script as a fresh command (as on a pod host), ``processes`` of them with ``devices`` virtual CPU
-  devices each, joined by jax.distributed on localhost when more than one; returns the processes. ``script``:
-  Python source to run instead of the file (it runs the file itself); ``env``: more environment variables."""
+HOSTS, DEVICES = 2, 4
+"""The script runs as HOSTS processes of DEVICES virtual CPU devices each."""
+
+
+def start_script(*args, script=None, env=None):
+  """Starts the script as fresh commands (as on pod hosts): HOSTS processes of DEVICES virtual CPU devices,
+  joined by jax.distributed on localhost; returns the processes. ``script``: Python source to run instead of
+  the file (it runs the file itself); ``env``: more environment variables."""
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))  # the rest kept
-  env = {**os.environ, **(env or {}), "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
-         "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-  if processes > 1:
-    with socket.socket() as s:
-      s.bind(("localhost", 0))
-      port = s.getsockname()[1]
-    env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes))
-  ids = [{"JAX_PROCESS_ID": str(i)} if processes > 1 else {} for i in range(processes)]
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, **(env or {}), "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={DEVICES}".strip(),
+         "JAX_NUM_CPU_DEVICES": str(DEVICES), "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+         "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(HOSTS)}
   command = [sys.executable, *(["-c", script] if script else [str(SCRIPT)]), *args]
-  return [subprocess.Popen(command, env={**env, **ids[i]}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
-          for i in range(processes)]
+  return [subprocess.Popen(command, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+          for i in range(HOSTS)]
 
 
-def run_script(*args, processes=1, devices=8, timeout=300):
+def run_script(*args, timeout=300):
   """Runs the script (see :func:`start_script`) to its end; returns the outputs of its processes."""
-  procs = start_script(*args, processes=processes, devices=devices)
+  procs = start_script(*args)
   outputs = [p.communicate(timeout=timeout)[0] for p in procs]
   for i, (p, out) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
@@ -94,7 +96,7 @@ def _argv(models, out):
 def two_hosts(tiny_models, tmp_path_factory):
   """An uninterrupted run as two processes of 4 CPU devices: (output folder, outputs of the processes)."""
   out, outputs = once_per_run(tmp_path_factory, "test_tpu.two_hosts",
-                              lambda out: (str(out), run_script(*_argv(tiny_models, out), processes=2, devices=4)))
+                              lambda out: (str(out), run_script(*_argv(tiny_models, out))))
   return Path(out), outputs
 
 
@@ -151,7 +153,7 @@ def _stop_two_hosts(argv, tmp_path, at, signalled):
   ``signalled``, lets them go on; returns (seconds from the signal to the end of both, outputs)."""
   pause_dir = tmp_path / f"pause-{at[0]}-{at[1]}"
   pause_dir.mkdir()
-  procs = start_script(*argv, processes=2, devices=4, script=PAUSED,
+  procs = start_script(*argv, script=PAUSED,
                        env={"PAUSE_DIR": str(pause_dir), "PAUSE_AT": f"{at[0]},{at[1]}"})
   deadline = time.time() + 240
   while not all((pause_dir / f"paused-{i}").exists() for i in range(2)):
